@@ -1,0 +1,84 @@
+"""The one builder every model-running stage uses: groups, seed, shards, tokenizer, adapter.
+
+`build()` joins the torchrun world (or makes a one-process one), picks device and dtype, resolves
+the checkpoint (the embedded default when none is given), loads this rank's shard of the weights
+into a model built on the meta device (so no memory is spent on a throwaway init), and applies a
+LoRA adapter when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpoint, distributed
+from .model import ModelArgs, Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Tokenizer
+    world: distributed.World
+    args: ModelArgs  # as laid out on this world (padded for the MP size)
+    source_args: ModelArgs  # as on disk
+    name: str  # provenance: checkpoint path (+ adapter)
+    ckpt_dir: Path
+
+
+def resolve_ckpt_dir(ckpt_dir: Optional[str]) -> Path:
+    if ckpt_dir:
+        return Path(ckpt_dir).expanduser()
+    from .default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def build(
+    ckpt_dir: Optional[str] = None,
+    *,
+    tokenizer_path: Optional[str] = None,
+    adapter: Optional[str] = None,
+    model_parallel_size: Optional[int] = None,
+    seed: int = 0,
+    dtype: Optional[str] = None,
+    max_seq_len: Optional[int] = None,
+    device: Optional[str] = None,
+    train: bool = False,
+) -> Loaded:
+    world = distributed.setup(model_parallel_size, device)
+    torch.manual_seed(seed)
+    if world.is_main:
+        resolve_ckpt_dir(ckpt_dir)  # the embedded default is built once, by rank 0
+    distributed.barrier()
+    path = resolve_ckpt_dir(ckpt_dir)
+    tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+    torch_dtype = distributed.pick_dtype(world.device, dtype)
+
+    reader = checkpoint.open_checkpoint(path)
+    source = reader.args
+    if tokenizer.n_words > source.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but {path} has only "
+            f"{source.vocab_size} embedding rows"
+        )
+    if max_seq_len:
+        source.max_seq_len = max_seq_len
+    args, tensors = checkpoint.local_state(reader, world.mp_rank, world.mp_size, dtype=torch_dtype, device=world.device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(dict(tensors), assign=True, strict=True)
+    del reader
+    model.requires_grad_(False)
+    name = str(path)
+    if adapter:
+        from .lora import load_adapter
+
+        model = load_adapter(model, adapter, world=world, trainable=train)
+        name += f" + adapter {adapter}"
+    model.train(train)
+    return Loaded(model, tokenizer, world, args, source, name, path)

@@ -1,0 +1,271 @@
+"""Batched sampling engine: KV cache, shared-prefix cache, stops, penalties, streaming, scoring.
+
+Rows are right-padded and each keeps its own positions, so a row's result does not depend on what
+else is in the batch. When the rows of a batch share a long token prefix (the self-align prompt is
+2-3k tokens of principles and exemplars), its keys and values are computed once, kept across calls,
+and attended by every row through broadcasting. Finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from . import distributed
+from .model import KVCache, Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+
+FinishReason = Literal["eos", "stop", "length"]
+
+# A shared prefix shorter than this is not worth a separate cache block.
+MIN_PREFIX_TOKENS = 16
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    stop: Sequence[str] = ()
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # The original Dromedary's penalties: a candidate token is penalised by `penalty[n-1]` times
+    # the number of times it already followed the current (n-1)-token context in the generated
+    # text (n = 1: plain token frequency).
+    ngram_penalties: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be within 0..max_new_tokens, got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+def row_seed(seed: int, key: str) -> int:
+    """A per-row seed from the run seed and a stable key (e.g. a record id): a record samples the
+    same text whatever batch or data-parallel group it lands in, so a resumed run matches."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Prefix:
+    tokens: tuple[int, ...]
+    cache: KVCache
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: Optional[int] = None):
+        self.model = model
+        self.tok = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_seq_len = max_seq_len or model.args.max_seq_len
+        self._prefix: Optional[_Prefix] = None
+        # Ids the model may emit but the tokenizer cannot decode (embedding rows past the
+        # tokenizer's vocabulary) are never sampled.
+        self.n_words = min(tokenizer.n_words, model.args.vocab_size)
+
+    # ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams,
+        *,
+        seeds: Optional[Sequence[int]] = None,
+        seed: int = 0,
+        on_text: Optional[Callable[[int, str], None]] = None,
+    ) -> list[Generation]:
+        """Complete every prompt. `seeds` gives each row its own sampling seed (default: derived
+        from `seed` and the row's index); `on_text(row, delta)` streams decoded text."""
+        params.check()
+        ids = [self.tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not ids:
+            return []
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompt {i} is empty")
+            if len(row) >= self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(row)} tokens; the context window is {self.max_seq_len}")
+        seeds = list(seeds) if seeds is not None else [row_seed(seed, str(i)) for i in range(len(ids))]
+        prefix = self._shared_prefix(ids)
+        p_len = len(prefix.tokens) if prefix else 0
+        suffixes = [row[p_len:] for row in ids]
+        longest = max(len(r) for r in ids)
+        budget = min(params.max_new_tokens, self.max_seq_len - longest)
+        return self._decode(suffixes, p_len, prefix, params, budget, seeds, on_text, [len(r) for r in ids])
+
+    def _shared_prefix(self, ids: list[list[int]]) -> Optional[_Prefix]:
+        # Every row must keep at least one token of its own, whose logits start the generation.
+        limit = min(len(r) for r in ids) - 1
+        common = 0
+        first = ids[0]
+        while common < limit and all(r[common] == first[common] for r in ids):
+            common += 1
+        cached = self._prefix
+        if cached is not None:
+            n = len(cached.tokens)
+            if n <= limit and all(tuple(r[:n]) == cached.tokens for r in ids) and common - n < 64:
+                return cached
+        if common < MIN_PREFIX_TOKENS:
+            return None
+        cache = KVCache(k=[], v=[])
+        tokens = torch.tensor([first[:common]], device=self.device)
+        self.model(tokens, cache=cache, prefix_only=True)
+        self._prefix = _Prefix(tuple(first[:common]), cache)
+        return self._prefix
+
+    def _decode(self, suffixes, p_len, prefix, params, budget, seeds, on_text, prompt_lens) -> list[Generation]:
+        bsz = len(suffixes)
+        lens = torch.tensor([len(s) for s in suffixes], device=self.device)
+        width = int(lens.max())
+        tokens = torch.zeros(bsz, width, dtype=torch.long, device=self.device)
+        for i, s in enumerate(suffixes):
+            tokens[i, : len(s)] = torch.tensor(s, device=self.device)
+        cache = KVCache.allocate(self.model, bsz, width + budget, device=self.device, dtype=self.dtype)
+        if prefix is not None:
+            cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+        positions = p_len + torch.arange(width, device=self.device)[None].expand(bsz, width)
+        logits = self.model(tokens, positions, cache, output_index=lens - 1)[:, 0]
+
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        out_tokens: list[list[int]] = [[] for _ in range(bsz)]
+        streams = [StreamDecoder(self.tok) for _ in range(bsz)]
+        results: list[Optional[Generation]] = [None] * bsz
+        active = list(range(bsz))  # original row index of each live batch slot
+        max_stop = max((len(s) for s in params.stop), default=0)
+        next_pos = lens.clone()  # cache slot of each live row's next token
+
+        for step in range(budget):
+            chosen = self._sample(logits, [out_tokens[r] for r in active], [gens[r] for r in active], params, step)
+            distributed.broadcast_tensor_mp(chosen)
+            finished = []
+            for slot, row in enumerate(active):
+                token = int(chosen[slot])
+                reason: Optional[FinishReason] = None
+                if token == self.tok.eos_id:
+                    reason = "eos"
+                else:
+                    out_tokens[row].append(token)
+                    delta = streams[row].feed(token)
+                    text = streams[row].text
+                    if params.stop and delta:
+                        cut = _find_stop(text, params.stop, len(text) - len(delta) - max_stop)
+                        if cut is not None:
+                            delta = delta[: max(0, cut - (len(text) - len(delta)))]
+                            streams[row].emitted = text[:cut]
+                            reason = "stop"
+                    if delta and on_text is not None:
+                        on_text(row, delta)
+                    if reason is None and step + 1 == budget:
+                        reason = "length"
+                if reason is not None:
+                    if reason != "stop":
+                        tail = streams[row].flush()
+                        if tail and on_text is not None:
+                            on_text(row, tail)
+                    results[row] = Generation(streams[row].text, out_tokens[row], reason, prompt_lens[row])
+                    finished.append(slot)
+            if finished:
+                keep = [s for s in range(len(active)) if s not in finished]
+                if not keep:
+                    break
+                keep_t = torch.tensor(keep, device=self.device)
+                active = [active[s] for s in keep]
+                chosen, next_pos = chosen[keep_t], next_pos[keep_t]
+                # Finished rows leave the batch: later steps cost nothing for them.
+                cache.k = [t.index_select(0, keep_t) for t in cache.k]
+                cache.v = [t.index_select(0, keep_t) for t in cache.v]
+            positions = (p_len + next_pos)[:, None]
+            logits = self.model(chosen[:, None], positions, cache)[:, -1]
+            next_pos = next_pos + 1
+        return results  # type: ignore[return-value]  # every row finished by the last step
+
+    def _sample(self, logits: torch.Tensor, histories: list[list[int]], gens, params: SamplingParams, step: int):
+        logits = logits.float()
+        logits[:, self.n_words :] = float("-inf")
+        for token, bias in params.logit_bias.items():
+            logits[:, token] += bias
+        if any(params.ngram_penalties):
+            for slot, hist in enumerate(histories):
+                _apply_ngram_penalties(logits[slot], hist, params.ngram_penalties)
+        if step < params.min_new_tokens:
+            logits[:, self.tok.eos_id] = float("-inf")
+        if params.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_k:
+            kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+            probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+        if params.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
+            drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+
+    # ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], targets: Sequence[str], *, max_batch_size: int = 8) -> list[float]:
+        """Summed log-probability of each target's tokens after its prompt (multiple choice)."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        scores: list[float] = []
+        for start in range(0, len(prompts), max_batch_size):
+            rows, spans = [], []
+            for p, t in zip(prompts[start : start + max_batch_size], targets[start : start + max_batch_size]):
+                pi, ti = self.tok.encode(p), self.tok.encode(t, bos=False)
+                if not ti:
+                    raise ValueError(f"target {t!r} has no tokens")
+                rows.append((pi + ti)[-self.max_seq_len :])
+                spans.append(min(len(ti), len(rows[-1]) - 1))
+            width = max(len(r) for r in rows)
+            tokens = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+            for i, r in enumerate(rows):
+                tokens[i, : len(r)] = torch.tensor(r, device=self.device)
+            logprobs = torch.log_softmax(self.model(tokens).float()[..., : self.n_words], dim=-1)
+            for i, (r, n) in enumerate(zip(rows, spans)):
+                target = torch.tensor(r[len(r) - n :], device=self.device)
+                picked = logprobs[i, len(r) - n - 1 : len(r) - 1].gather(-1, target[:, None])
+                scores.append(float(picked.sum()))
+        return scores
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
+    """Index in `text` where the earliest stop string begins, searching from `start`."""
+    hits = [i for s in stops if s and (i := text.find(s, max(0, start))) >= 0]
+    return min(hits) if hits else None
+
+
+def _apply_ngram_penalties(logits: torch.Tensor, history: list[int], penalties) -> None:
+    for n, penalty in enumerate(penalties, start=1):
+        if not penalty or len(history) < n - 1:
+            continue
+        context = tuple(history[len(history) - (n - 1) :]) if n > 1 else ()
+        counts: dict[int, int] = {}
+        for i in range(n - 1, len(history)):
+            if tuple(history[i - (n - 1) : i]) == context:
+                counts[history[i]] = counts.get(history[i], 0) + 1
+        if counts:
+            idx = torch.tensor(list(counts), device=logits.device)
+            logits[idx] -= penalty * torch.tensor(list(counts.values()), device=logits.device, dtype=logits.dtype)

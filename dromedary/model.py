@@ -1,0 +1,300 @@
+"""LLaMA-1/2 on fairscale's parallel layers: pure compute, no file I/O, no device or dtype choice.
+
+One definition runs at any model-parallel size K. Query/key/value/FFN projections are split by
+output features (ColumnParallelLinear), their inverses by input features (RowParallelLinear), the
+vocabulary by rows. Sizes that K does not divide are padded by the checkpoint loader before the
+model is built (see `checkpoint.pad_for_parallel`); the module only needs every partitioned size to
+be a multiple of K.
+
+The key/value cache lives outside the module: the generation engine allocates a `KVCache` per run
+and passes it to `forward`, so the same module also serves training (no cache, all logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    # Set by the loader when padding for a model-parallel size (zero heads / FFN rows / vocab
+    # rows that contribute nothing); None means "derive from the fields above".
+    head_dim: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    padded_vocab_size: Optional[int] = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers for one generation run, plus an optional shared prefix.
+
+    `k[i]`, `v[i]`: (B, S, n_local_kv_heads, head_dim) for the rows' own tokens.
+    `prefix_k[i]`, `prefix_v[i]`: (1, P, n_local_kv_heads, head_dim), computed once and attended by
+    every row through broadcasting, so a long shared prompt is never copied per row or per step.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    prefix_k: list[torch.Tensor] = field(default_factory=list)
+    prefix_v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_k[0].shape[1] if self.prefix_k else 0
+
+    @classmethod
+    def allocate(cls, model: "Transformer", batch: int, length: int, *, device, dtype) -> "KVCache":
+        shape = (batch, length, model.layers[0].attention.n_local_kv_heads, model.args.head_size)
+        n = model.args.n_layers
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as LLaMA does; bf16 variance loses too much.
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (length, head_dim // 2) for Meta's interleaved rotary layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x: (B, T, H, D); cos/sin: (B|1, T, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    # Weights come from a checkpoint or from an explicit init; skip fairscale's default init.
+    return tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.kv_heads // mp
+        self.head_dim = args.head_size
+        q_out, kv_out = args.n_heads * self.head_dim, args.kv_heads * self.head_dim
+        self.wq = ColumnParallelLinear(args.dim, q_out, bias=False, gather_output=False, init_method=_no_init)
+        self.wk = ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_no_init)
+        self.wv = ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_no_init)
+        self.wo = RowParallelLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Optional["Step"]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+
+        if step is None or step.prefix_only:
+            # Training, scoring, or filling the shared prefix: plain causal attention.
+            if step is not None:
+                step.cache.prefix_k[step.layer] = k
+                step.cache.prefix_v[step.layer] = v
+            out = F.scaled_dot_product_attention(
+                q, k.transpose(1, 2), v.transpose(1, 2), is_causal=seqlen > 1, enable_gqa=True
+            )
+        else:
+            out = self._cached_attention(q, k, v, step)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _cached_attention(self, q, k, v, step: "Step") -> torch.Tensor:
+        cache, layer, bsz = step.cache, step.layer, q.shape[0]
+        # Each row writes its new keys at its own positions (rows have different lengths).
+        cache.k[layer][step.rows, step.slots] = k
+        cache.v[layer][step.rows, step.slots] = v
+        keys = [cache.k[layer][:bsz, : step.span], cache.v[layer][:bsz, : step.span]]
+        blocks = [keys]
+        if cache.prefix_k:
+            # (1, P, kvh, D): broadcast over the batch, never copied per row.
+            blocks.insert(0, [cache.prefix_k[layer], cache.prefix_v[layer]])
+        # Group query heads by kv head, (B, kvh, rep, T, D), so kv broadcasts over `rep`.
+        qg = q.unflatten(1, (self.n_local_kv_heads, -1))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = [qg @ kb.permute(0, 2, 3, 1).unsqueeze(2) for kb, _ in blocks]  # (B|1, kvh, rep, T, n)
+        s = torch.cat(scores, dim=-1).float() * scale + step.mask  # (B, kvh, rep, T, P + S)
+        p = torch.softmax(s, dim=-1).type_as(q)
+        out, offset = 0, 0
+        for kb, vb in blocks:
+            n = kb.shape[1]
+            out = out + p[..., offset : offset + n] @ vb.transpose(1, 2).unsqueeze(2)
+            offset += n
+        return out.flatten(1, 2)  # (B, H, T, D)
+
+
+@dataclass
+class Step:
+    """What one cached forward pass needs, shared by every layer (built once per pass)."""
+
+    cache: KVCache
+    rows: torch.Tensor  # (B, 1) row indices
+    slots: torch.Tensor  # (B, T) cache slots written by the new tokens
+    span: int  # slots [0, span) are read
+    mask: torch.Tensor  # (B, 1, 1, T, P + span) additive
+    prefix_only: bool = False
+    layer: int = 0
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_size)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, rope, step: Optional[Step] = None):
+        if step is not None:
+            step.layer = self.layer_id
+        h = x + self.attention(self.attention_norm(x), rope, step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_rows, args.dim, init_method=_no_init)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_rows, bias=False, gather_output=True, init_method=_no_init)
+        self.gradient_checkpointing = False
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept off the state dict and built lazily on the weights' device (the module may be
+        # built on the meta device and filled in by the loader).
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            cos, sin = rope_tables(self.args.head_size, self.args.max_seq_len * 2, self.args.rope_theta)
+            self._rope = (cos.to(device), sin.to(device))
+        return self._rope
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        *,
+        prefix_only: bool = False,
+        output_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits over the real vocabulary (padding rows never reach the output).
+
+        Training and scoring: `model(tokens)` -> (B, T, vocab), causal attention, no cache.
+        Inference: `positions` (B, T) are each new token's absolute position (counting a shared
+        prefix). With `prefix_only` the tokens (1, P) fill `cache`'s shared prefix; otherwise each
+        row's keys go to cache slot `position - prefix_len` and attend to the prefix plus that row's
+        earlier slots. `output_index` (B,) picks one position per row -> logits (B, 1, vocab).
+        """
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(h.device)
+        if positions is None:
+            rope = (cos[:seqlen][None], sin[:seqlen][None])
+        else:
+            rope = (cos[positions], sin[positions])
+        step = None
+        if cache is not None:
+            step = self._step(cache, positions, bsz, seqlen, prefix_only, h.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and step is None:
+                h = checkpoint(layer, h, rope, use_reentrant=False)
+            else:
+                h = layer(h, rope, step)
+        if output_index is not None:
+            h = h[torch.arange(bsz, device=h.device), output_index][:, None]
+        logits = self.output(self.norm(h))
+        return logits[..., : self.args.vocab_size]
+
+    def _step(self, cache: KVCache, positions, bsz: int, seqlen: int, prefix_only: bool, device) -> Step:
+        if prefix_only:
+            cache.prefix_k = [None] * self.args.n_layers
+            cache.prefix_v = [None] * self.args.n_layers
+            return Step(cache, rows=None, slots=None, span=0, mask=None, prefix_only=True)
+        slots = positions - cache.prefix_len  # (B, T)
+        span = int(slots.max()) + 1
+        # A row's query at slot t sees its own slots <= t (slots past it hold padding or stale
+        # values from another row's longer prompt) and the whole shared prefix.
+        visible = torch.arange(span, device=device)[None, None, :] <= slots[:, :, None]  # (B, T, S)
+        mask = torch.zeros(bsz, seqlen, cache.prefix_len + span, device=device)
+        mask[:, :, cache.prefix_len :].masked_fill_(~visible, float("-inf"))
+        rows = torch.arange(bsz, device=device)[:, None]
+        return Step(cache, rows=rows, slots=slots, span=span, mask=mask[:, None, None])
