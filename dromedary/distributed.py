@@ -174,12 +174,19 @@ def broadcast_tensor_mp(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def teardown() -> None:
-    """Destroy the process group so torchrun workers exit cleanly (gloo aborts otherwise)."""
+def teardown(clean: bool = True) -> None:
+    """Destroy the process groups so torchrun workers exit cleanly (gloo aborts otherwise).
+
+    `clean=False` after an error skips the final barrier: the other ranks may never reach it.
+    """
     global _WORLD
     if dist.is_initialized():
         try:
-            barrier()
+            if clean:
+                barrier()
         finally:
+            from fairscale.nn.model_parallel import initialize as fs_init
+
+            fs_init.destroy_model_parallel()
             dist.destroy_process_group()
     _WORLD = None

@@ -12,6 +12,7 @@ and passes it to `forward`, so the same module also serves training (no cache, a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -131,6 +133,19 @@ def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@contextlib.contextmanager
+def _without_fairscale_init():
+    """fairscale's layers fill a full-size "master" weight per layer and scatter it when K > 1,
+    allocating and touching memory for weights that the loader replaces anyway. Skip that: the
+    layers' own buffers are then never written and cost no resident memory before `assign`."""
+    saved = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = saved
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -232,12 +247,16 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        with _without_fairscale_init():
+            self._build(args)
+        self.gradient_checkpointing = False
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _build(self, args: ModelArgs) -> None:
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_rows, args.dim, init_method=_no_init)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_rows, bias=False, gather_output=True, init_method=_no_init)
-        self.gradient_checkpointing = False
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         # Kept off the state dict and built lazily on the weights' device (the module may be

@@ -1,0 +1,66 @@
+"""The command table: subcommand name -> stage function. Fire turns each signature into flags."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+# name: (module, function, one-line summary). Stages are imported only when run, so `--help` and
+# a typo stay fast.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("dromedary.stages.generate", "generate", "batch completions over a JSONL of prompts"),
+    "convert": ("dromedary.stages.convert", "convert", "convert/reshard checkpoints between Meta and HF layouts"),
+}
+
+
+def load(name: str) -> Callable:
+    module, func, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), func)
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: dromedary COMMAND [--flag value ...]      (torchrun [...] -m dromedary COMMAND ...)",
+        "",
+        "Principle-driven self-alignment of LLaMA-family base models.",
+        "",
+        "commands:",
+        *(f"  {n.ljust(width)}  {summary}" for n, (_, _, summary) in COMMANDS.items()),
+        "",
+        "`dromedary COMMAND --help` explains every flag of COMMAND.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name = argv[0].replace("_", "-")
+    if name not in COMMANDS:
+        print(f"dromedary: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    from .errors import UserError, friendly
+
+    from . import distributed
+
+    try:
+        fire.Fire(load(name), command=argv[1:], name=f"dromedary {name}")
+    except UserError as err:
+        if os.environ.get("DROMEDARY_DEBUG"):
+            raise
+        print(f"dromedary {name}: error: {friendly(err)}", file=sys.stderr)
+        distributed.teardown(clean=False)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ndromedary {name}: interrupted", file=sys.stderr)
+        distributed.teardown(clean=False)
+        return 130
+    distributed.teardown()
+    return 0

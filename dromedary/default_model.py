@@ -1,0 +1,184 @@
+"""The embedded default model: a tiny LLaMA trained on the bundled prompt texts, built on first use.
+
+It lets every stage run on a fresh laptop with no weights and no network. The build is
+deterministic (fixed seeds, one thread for the tokenizer, fixed data order), takes about a minute on
+two CPU cores, runs in a subprocess with a one-process world (so it does not disturb the caller's
+torchrun groups), and lands atomically in a cache directory keyed by the prompt texts and build
+settings. The result is an ordinary Meta-layout checkpoint: params.json, consolidated.00.pth and a
+SentencePiece tokenizer.model, loaded like any real one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .model import ModelArgs
+
+BUILD_VERSION = 1
+ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
+                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
+TRAIN = {"steps": 240, "batch": 16, "seq_len": 256, "lr": 3e-3, "warmup": 20, "seed": 1234}
+
+
+def cache_root() -> Path:
+    if os.environ.get("DROMEDARY_CACHE"):
+        return Path(os.environ["DROMEDARY_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dromedary"
+
+
+def corpus_texts() -> list[str]:
+    """Every text of prompts/, in a fixed order: principles, exemplars, seeds, templates.
+
+    JSON files contribute their string values, so the model sees prose rather than braces. The
+    rendered self-align prompt and a few chat-format exemplars come first: those are the formats the
+    stages will ask this model to continue.
+    """
+    from . import templates
+
+    root = templates.prompts_dir()
+    texts: list[str] = []
+    try:
+        texts.append(templates.self_align_prefix())
+    except Exception:  # noqa: BLE001 - the corpus is still useful without it
+        pass
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix in (".json", ".jsonl"):
+            texts.extend(_strings(raw))
+        elif path.suffix in (".txt", ".md", ""):
+            texts.append(raw)
+    return [t for t in texts if t.strip()]
+
+
+def _strings(raw: str) -> list[str]:
+    out: list[str] = []
+
+    def walk(v):
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    for line in raw.splitlines() if not raw.lstrip().startswith(("[", "{\n")) else [raw]:
+        try:
+            walk(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def fingerprint(texts: list[str]) -> str:
+    h = hashlib.sha256(f"v{BUILD_VERSION}{asdict(ARGS)}{TRAIN}".encode())
+    for t in texts:
+        h.update(t.encode())
+    return h.hexdigest()[:12]
+
+
+def ensure_default_model(quiet: bool = False) -> Path:
+    """The default checkpoint's directory, building it (once, under a file lock) if needed."""
+    texts = corpus_texts()
+    target = cache_root() / f"default-{fingerprint(texts)}"
+    if (target / "params.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first uses: one builds, the rest wait
+        if (target / "params.json").exists():
+            return target
+        if not quiet:
+            print(f"dromedary: building the embedded default model in {target} (about a minute, once)",
+                  file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        try:
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_ADDR", "MASTER_PORT")}
+            subprocess.run([sys.executable, "-m", "dromedary.default_model", str(tmp)], check=True,
+                           env={**env, "PYTHONPATH": _package_parent() + os.pathsep + env.get("PYTHONPATH", "")})
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _package_parent() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def build(out_dir: Path) -> None:
+    """Train the tokenizer and the model into `out_dir` (runs in its own process)."""
+    import sentencepiece as spm
+
+    from . import checkpoint, distributed
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    start = time.time()
+    texts = corpus_texts()
+    corpus = out_dir / "corpus.txt"
+    # SentencePiece reads lines; keep paragraphs as lines.
+    corpus.write_text("\n".join(line for t in texts for line in t.splitlines() if line.strip()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out_dir / "tokenizer"), vocab_size=ARGS.vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        max_sentence_length=1 << 16, train_extremely_large_corpus=False,
+    )
+    corpus.unlink()
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    tok = Tokenizer(out_dir / "tokenizer.model")
+
+    stream: list[int] = []
+    for t in texts:
+        stream += tok.encode(t, bos=True, eos=True)
+    data = torch.tensor(stream)
+
+    distributed.setup(1, "cpu")
+    torch.manual_seed(TRAIN["seed"])
+    model = Transformer(ARGS)
+    model.load_state_dict(checkpoint.init_state(ARGS, seed=TRAIN["seed"]), strict=True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(TRAIN["seed"])
+    n, steps = TRAIN["seq_len"] + 1, TRAIN["steps"]
+    for step in range(steps):
+        lr = TRAIN["lr"] * min(1.0, (step + 1) / TRAIN["warmup"]) * (0.1 + 0.9 * (1 - step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, max(1, len(data) - n), (TRAIN["batch"],), generator=g)
+        batch = torch.stack([data[s : s + n] for s in starts])
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 40 == 0 or step == steps - 1:
+            print(f"  default model: step {step + 1}/{steps} loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint.save_checkpoint(checkpoint.StateReader(ARGS, state), out_dir, layout="meta")
+    (out_dir / "BUILD.json").write_text(json.dumps({
+        "what": "dromedary embedded default model (tiny, for pipelines without weights)",
+        "build_version": BUILD_VERSION, "args": asdict(ARGS), "train": TRAIN,
+        "tokens": len(stream), "final_loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
+    }, indent=2) + "\n")
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]))

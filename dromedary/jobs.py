@@ -1,0 +1,98 @@
+"""A record job: the resume / data-parallel / progress / provenance loop every record stage shares.
+
+    records = read_kind(input, "prompts")                  # bad input stops here, before the model
+    loaded = build(...)
+    with RecordJob(output, records, loaded.world, overwrite=overwrite, options=opts, model=name) as job:
+        for batch in job.batches(max_batch_size):          # this data-parallel group's pending share
+            ...
+            job.write(record); job.advance(tokens=n)
+
+On exit rank 0 merges the groups' shard files into `output` (in input order) and records provenance.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from tqdm import tqdm
+
+from . import distributed, records
+
+
+class RecordJob:
+    def __init__(
+        self,
+        output: str,
+        inputs: Sequence[Mapping[str, Any]],
+        world: distributed.World,
+        *,
+        overwrite: bool = False,
+        options: Optional[dict] = None,
+        model: Optional[str] = None,
+        desc: str = "records",
+        unit: str = "rec",
+    ):
+        self.output, self.inputs, self.world = output, inputs, world
+        self.options, self.model, self.desc, self.unit = options or {}, model, desc, unit
+        if overwrite and world.is_main:
+            records.clear_output(output)
+        distributed.barrier()
+        self.writer = (
+            records.open_output(output, shard=(world.dp_rank, world.dp_size)) if world.is_group_writer else None
+        )
+        done = self.writer.done_ids if self.writer else records.scan_done_ids(output)
+        # Every rank has read the done set before any rank writes a record.
+        distributed.barrier()
+        mine = records.split_for_data_parallel(list(inputs), world.dp_rank, world.dp_size)
+        self.todo = records.pending(mine, done)
+        self.total_todo = len(records.pending(inputs, done))
+        self.tokens = 0
+        self.started = time.time()
+        self.bar: Optional[tqdm] = None
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.total_todo == 0
+
+    def __enter__(self) -> "RecordJob":
+        if self.world.is_main:
+            print(records.resume_message(self.output, len(self.inputs), self.total_todo), file=sys.stderr)
+        self.bar = tqdm(total=len(self.todo), desc=self.desc, unit=self.unit, dynamic_ncols=True,
+                        disable=not self.world.is_main or not self.todo, file=sys.stderr)
+        return self
+
+    def batches(self, size: int) -> Iterator[list[dict]]:
+        for start in range(0, len(self.todo), size):
+            yield self.todo[start : start + size]
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+
+    def advance(self, n: int = 1, tokens: int = 0) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.tokens:
+                rate = self.tokens / max(1e-9, time.time() - self.started)
+                self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if exc_type is not None:
+            return  # keep what was written; a rerun resumes
+        distributed.barrier()
+        if self.world.is_main:
+            records.merge_shards(self.output, order=[r["id"] for r in self.inputs])
+            if self.total_todo:
+                records.write_provenance(self.output, command=sys.argv, options=self.options, model=self.model,
+                                         extra={"world_size": self.world.world_size,
+                                                "model_parallel_size": self.world.mp_size,
+                                                "seconds": round(time.time() - self.started, 2),
+                                                "generated_tokens": self.tokens})
+        distributed.barrier()

@@ -1,0 +1,73 @@
+"""dromedary generate: batch completions over a JSONL of {"id", "prompt"} records."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import records
+from ..builder import build
+from ..generation import Engine, SamplingParams, row_seed
+from ..jobs import RecordJob
+
+
+def generate(
+    input: str,
+    output: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    adapter: Optional[str] = None,
+    model_parallel_size: Optional[int] = None,
+    max_new_tokens: int = 256,
+    min_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Optional[list[str]] = None,
+    max_batch_size: int = 8,
+    max_seq_len: Optional[int] = None,
+    dtype: Optional[str] = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> None:
+    """Complete every prompt of INPUT and append {"id", "prompt", "completion"} records to OUTPUT.
+
+    Resumable: ids already in OUTPUT are skipped. Under torchrun, the world is split into
+    data-parallel groups of MODEL_PARALLEL_SIZE processes, each completing its share of the records.
+
+    Args:
+      input: JSONL file of {"id": str, "prompt": str} records.
+      output: JSONL file to append completions to (created if missing; never truncated unless --overwrite).
+      ckpt_dir: LLaMA checkpoint directory, Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) layout. Default: the embedded tiny model.
+      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      adapter: PEFT LoRA adapter directory to apply on load (from `dromedary finetune`).
+      model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
+      max_new_tokens: most tokens to generate per record.
+      min_new_tokens: end-of-sequence is not allowed before this many tokens.
+      temperature: sampling temperature; 0 means greedy decoding.
+      top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+      top_k: keep only the K most likely tokens (0: no limit).
+      stop: stop strings, e.g. --stop '["\\n\\n### User"]'; the completion is cut before the first one.
+      max_batch_size: records generated together.
+      max_seq_len: context window (prompt + completion). Default: the checkpoint's.
+      dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
+      seed: sampling seed; each record samples from a seed derived from this and its id, so reruns and resumed runs repeat exactly.
+      overwrite: start OUTPUT afresh instead of resuming it (the old file is kept as OUTPUT.bak).
+    """
+    params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, stop=tuple(str(s) for s in (stop or ())))
+    params.check()
+    if max_batch_size < 1:
+        raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    options = dict(locals())
+    inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
+    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
+                   seed=seed, dtype=dtype, max_seq_len=max_seq_len)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
+                   desc="generate") as job:
+        for batch in job.batches(max_batch_size):
+            gens = engine.generate([r["prompt"] for r in batch], params,
+                                   seeds=[row_seed(seed, r["id"]) for r in batch])
+            for rec, gen in zip(batch, gens):
+                job.write({"id": rec["id"], "prompt": rec["prompt"], "completion": gen.text})
+            job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
