@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("dromedary.stages.generate", "generate", "batch completions over a JSONL of prompts"),
     "convert": ("dromedary.stages.convert", "convert", "convert/reshard checkpoints between Meta and HF layouts"),
+    "finetune": ("dromedary.stages.finetune", "finetune", "LoRA fine-tuning on curated sft records (principle engraving)"),
 }
 
 
