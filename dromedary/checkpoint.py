@@ -260,6 +260,7 @@ class HFReader(Reader):
         self.args = args_from_hf_config(config)
         self.tied = bool(config.get("tie_word_embeddings", False))
         self._where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
         index = next(iter(sorted(ckpt_dir.glob("*.index.json"))), None)
         if index is not None:
             for key, file in json.loads(index.read_text())["weight_map"].items():
@@ -273,7 +274,6 @@ class HFReader(Reader):
             for f in files:
                 for key in self._file_keys(f):
                     self._where[key] = f
-        self._open: dict[Path, object] = {}
         self._meta_to_hf = {m: k for k in self._where if (m := hf_to_meta_name(k))}
 
     def _file(self, path: Path):
