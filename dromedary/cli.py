@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("dromedary.stages.generate", "generate", "batch completions over a JSONL of prompts"),
     "convert": ("dromedary.stages.convert", "convert", "convert/reshard checkpoints between Meta and HF layouts"),
     "finetune": ("dromedary.stages.finetune", "finetune", "LoRA fine-tuning on curated sft records (principle engraving)"),
+    "chat": ("dromedary.stages.chat", "chat", "talk to a model in the terminal (streaming, multi-turn)"),
+    "pipeline": ("dromedary.stages.pipeline", "pipeline", "the whole recipe in one command, resumable"),
     "generate-prompts": ("dromedary.stages.generate_prompts", "generate_prompts", "prompts by TGRT, self-instruct, or import of ShareGPT/Dolly/oasst1/OpenOrca"),
     "self-align": ("dromedary.stages.self_align", "self_align", "principle-driven answers with in-context exemplars"),
     "curate": ("dromedary.stages.curate", "curate", "split thoughts from answers, filter, rename: self-align -> sft records"),
