@@ -78,7 +78,7 @@ def build(
     if adapter:
         from .lora import load_adapter
 
-        model = load_adapter(model, adapter, world=world, trainable=train)
+        model = load_adapter(model, adapter, world=world, trainable=train, base_args=source)
         name += f" + adapter {adapter}"
     model.train(train)
     return Loaded(model, tokenizer, world, args, source, name, path)
