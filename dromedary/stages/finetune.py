@@ -1,0 +1,449 @@
+"""dromedary finetune: principle engraving, i.e. LoRA fine-tuning on curated sft records.
+
+load (records, model) -> transform (examples, training loop) -> write (PEFT adapter, log, provenance).
+The mechanics that other stages share (LoRA layers, adapters on disk, gradients under MP/DP) live in
+dromedary.lora.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import distributed, lora, records, templates
+from ..builder import build
+
+IGNORE = -100
+_OUTPUTS = ("checkpoints", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl")
+# Flags that must not change between a checkpoint and the run resuming it.
+_RESUME_KEYS = ("source_max_len", "target_max_len", "add_eos", "assistant_name", "knowledge_cutoff", "lora_r",
+                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "micro_batch_size",
+                "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "total_steps")
+
+
+def finetune(
+    input: str,
+    output_dir: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    eval_input: Optional[str] = None,
+    eval_fraction: float = 0.0,
+    assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
+    knowledge_cutoff: str = templates.DEFAULT_KNOWLEDGE_CUTOFF,
+    source_max_len: int = 512,
+    target_max_len: int = 512,
+    add_eos: bool = True,
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str = "wq,wk,wv,wo,w1,w2,w3",
+    num_epochs: Optional[float] = None,
+    max_steps: Optional[int] = None,
+    batch_size: int = 16,
+    micro_batch_size: int = 1,
+    learning_rate: float = 2e-4,
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.3,
+    eval_steps: int = 50,
+    save_steps: int = 100,
+    gradient_checkpointing: bool = False,
+    model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Train a LoRA adapter on INPUT's sft records and write it to OUTPUT_DIR in PEFT format.
+
+    Each record becomes one chat-format conversation (the format `chat` uses): an engraving system
+    prompt chosen by the record's id, the user turn (instruction, then input), and the output as the
+    assistant turn; the loss is on the assistant tokens only. Under torchrun the world splits into
+    data-parallel groups of MODEL_PARALLEL_SIZE processes; any split trains the same model.
+
+    Args:
+      input: JSONL of sft records (id, instruction, input, output, thoughts, source), as curate writes them.
+      output_dir: where the adapter (adapter_config.json, adapter_model.safetensors), train_log.jsonl, checkpoints/ and provenance go.
+      ckpt_dir: base LLaMA checkpoint, Meta or HF layout. Default: the embedded tiny model.
+      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      eval_input: JSONL of sft records for the held-out loss.
+      eval_fraction: instead of --eval_input, hold out this fraction of INPUT (chosen by a hash of the id).
+      assistant_name: the assistant's name in the system prompts and the "### NAME:" marker.
+      knowledge_cutoff: filled into the system prompts.
+      source_max_len: most tokens of system prompt + user turn; longer sources lose their beginning (the BOS token is kept).
+      target_max_len: most tokens of the answer (EOS included); longer answers lose their end, EOS first.
+      add_eos: end each answer with the end-of-sequence token, so the model learns to stop.
+      lora_r: LoRA rank.
+      lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+      lora_dropout: dropout on the LoRA input during training.
+      lora_target_modules: projections to adapt, comma-separated: wq,wk,wv,wo,w1,w2,w3 or HF names q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj,up_proj.
+      num_epochs: passes over INPUT (fractions allowed). Default when neither this nor --max_steps is given: one epoch.
+      max_steps: optimizer steps to train, instead of --num_epochs.
+      batch_size: records per optimizer step, over all data-parallel groups.
+      micro_batch_size: records per forward pass on each data-parallel group; gradients accumulate up to --batch_size.
+      learning_rate: AdamW peak learning rate.
+      warmup_ratio: fraction of the steps spent warming the learning rate up linearly; a cosine decay to zero follows.
+      weight_decay: AdamW weight decay on the LoRA factors.
+      max_grad_norm: clip the adapter's gradient to this global norm (0: no clipping).
+      eval_steps: held-out loss every this many steps (0: only at the end).
+      save_steps: checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many steps (0: only at the end).
+      gradient_checkpointing: recompute activations in the backward pass: much less memory, about a third more compute.
+      model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
+      dtype: fp32 or bf16 for the frozen base weights (bf16 also runs the forward under autocast). Default: bf16 on GPUs that support it, fp32 on CPU.
+      seed: seed for the LoRA initialisation, the data order, the eval split and dropout.
+      resume: continue from the latest checkpoint in OUTPUT_DIR (ends exactly where an uninterrupted run would).
+      overwrite: start afresh in a non-empty OUTPUT_DIR (removes its checkpoints, adapter and log).
+    """
+    targets = _check_flags(locals())
+    options = {**locals(), "lora_target_modules": list(targets)}
+    del options["targets"]
+    train_records = records.read_kind(input, "sft")  # bad input stops here, before any model work
+    if eval_input:
+        held_out = records.read_kind(eval_input, "sft")
+    else:
+        train_records, held_out = _split(train_records, eval_fraction, seed)
+    if not train_records:
+        raise ValueError(f"{input}: no training records" + (" left after --eval_fraction" if eval_fraction else ""))
+    text = dict(assistant_name=assistant_name, knowledge_cutoff=knowledge_cutoff)
+    train_pairs = [conversation(r, input, **text) for r in train_records]
+    eval_pairs = [conversation(r, eval_input or input, **text) for r in held_out]
+    total_steps = max_steps or max(1, math.ceil((num_epochs or 1.0) * len(train_pairs) / batch_size))
+    options["total_steps"] = total_steps
+    out = Path(output_dir)
+    if not resume:
+        _prepare_output(out, overwrite)
+
+    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, model_parallel_size=model_parallel_size, seed=seed,
+                   dtype=dtype, max_seq_len=source_max_len + target_max_len, train=True)
+    world, model, tok = loaded.world, loaded.model, loaded.tokenizer
+    if not lora.padding_is_harmless(loaded.source_args, world.mp_size):
+        raise ValueError(lora._padding_message(loaded.source_args, world.mp_size))
+    lens = dict(source_max_len=source_max_len, target_max_len=target_max_len, add_eos=add_eos)
+    train_data = [encode(tok, *pair, **lens) for pair in train_pairs]
+    eval_data = [encode(tok, *pair, **lens) for pair in eval_pairs]
+
+    lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+    lora.init_lora(model, seed, world)
+    model.gradient_checkpointing = gradient_checkpointing
+    named = lora.trainable(model)
+    params = [p for _, p, _ in named]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total_steps))
+
+    start = _restore(out, opt, sched, named, world, options) if resume else 0
+    if start >= total_steps:
+        print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    log = _open_log(out / "train_log.jsonl", start, world)
+    autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
+                if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
+    order = DataOrder(len(train_data), seed)
+    per_rank = batch_size // world.dp_size
+    n_micro = per_rank // micro_batch_size
+    if world.is_main:
+        print(f"finetune: {len(train_data)} records, {len(eval_data)} held out, {total_steps} steps of {batch_size}; "
+              f"{lora.summary(named, world):,} trainable LoRA parameters; world {world.world_size} "
+              f"(model parallel {world.mp_size}, data parallel {world.dp_size})", file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True,
+               disable=not world.is_main, file=sys.stderr)
+    kill_after = int(os.environ.get("DROMEDARY_KILL_AFTER_STEP", 0))  # tests: a real SIGKILL mid-run
+    started, seen_tokens = time.time(), 0
+    for step in range(start, total_steps):
+        batch = [train_data[i] for i in order.batch(step, batch_size)]
+        denom = sum(len(ids) - n_src for ids, n_src in batch)  # target tokens in the whole global batch
+        mine = batch[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
+        stats = torch.zeros(2)  # (loss sum over this rank's target tokens / denom, tokens)
+        for j in range(n_micro):
+            # Dropout is seeded by the micro-batch's place in the global batch: any DP split, and a
+            # resumed run, draws the same masks.
+            torch.manual_seed(hash_seed(seed, step, world.dp_rank * n_micro + j))
+            tokens, labels = collate(mine[j * micro_batch_size : (j + 1) * micro_batch_size], world.device)
+            loss = loss_sum(model, tokens, labels, autocast) / denom
+            loss.backward()
+            stats += torch.tensor([loss.item(), tokens.numel()])
+        lora.all_reduce_grads(params, world)
+        grad_norm = lora.clip_grad_norm(named, max_grad_norm, world)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        stats = _dp_sum(stats, world)
+        seen_tokens += int(stats[1])
+        rate = seen_tokens / max(1e-9, time.time() - started)
+        entry = {"step": step + 1, "epoch": round((step + 1) * batch_size / len(train_data), 4),
+                 "loss": round(stats[0].item(), 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                 "tokens_per_s": round(rate, 1)}
+        done = step + 1 == total_steps
+        if eval_data and (done or (eval_steps and (step + 1) % eval_steps == 0)):
+            entry["eval_loss"] = round(evaluate(model, eval_data, micro_batch_size, world, autocast), 6)
+        log(entry)
+        bar.set_postfix_str(f"loss {entry['loss']:.4f} lr {lr:.2e} {rate:.0f} tok/s", refresh=False)
+        bar.update(1)
+        if done or (save_steps and (step + 1) % save_steps == 0):
+            _save(out, step + 1, model, opt, sched, named, world, options, loaded.name)
+        if kill_after and step + 1 == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    state = lora.full_state(model, world)
+    if world.is_main:
+        lora.write_adapter(out, state, model, loaded.name)
+        records.write_provenance(out / "finetune", command=sys.argv, options=options, model=loaded.name,
+                                 extra={"world_size": world.world_size, "model_parallel_size": world.mp_size,
+                                        "train_records": len(train_data), "eval_records": len(eval_data),
+                                        "seconds": round(time.time() - started, 2)})
+        print(f"wrote adapter to {out}", file=sys.stderr)
+    distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and output directory.
+
+
+def _check_flags(o: dict) -> tuple[str, ...]:
+    if o["max_steps"] is not None and o["num_epochs"] is not None:
+        raise ValueError("pass either --max_steps or --num_epochs, not both")
+    for name in ("source_max_len", "target_max_len", "batch_size", "micro_batch_size"):
+        if o[name] < 1:
+            raise ValueError(f"--{name} must be at least 1, got {o[name]}")
+    if o["max_steps"] is not None and o["max_steps"] < 1 or o["num_epochs"] is not None and o["num_epochs"] <= 0:
+        raise ValueError("--max_steps and --num_epochs must be positive")
+    if not 0 <= o["lora_dropout"] < 1 or not 0 <= o["warmup_ratio"] < 1 or not 0 <= o["eval_fraction"] < 1:
+        raise ValueError("--lora_dropout, --warmup_ratio and --eval_fraction must lie in [0, 1)")
+    if o["eval_input"] and o["eval_fraction"]:
+        raise ValueError("pass either --eval_input or --eval_fraction, not both")
+    if o["resume"] and o["overwrite"]:
+        raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
+    if o["dtype"] in ("fp16", "float16"):
+        raise ValueError("--dtype fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    mp = o["model_parallel_size"] or world
+    dp = world // mp if mp and world % mp == 0 else 1  # a bad --model_parallel_size is reported by the builder
+    if o["batch_size"] % (o["micro_batch_size"] * dp):
+        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of --micro_batch_size "
+                         f"{o['micro_batch_size']} x {dp} data-parallel groups")
+    return lora.parse_targets(o["lora_target_modules"])
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
+                                  f"or --overwrite to start afresh)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            for name in _OUTPUTS:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _split(recs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out ceil(fraction * N) records: those whose hash of (seed, id) is smallest."""
+    if not fraction:
+        return recs, []
+    n = math.ceil(fraction * len(recs))
+    ranked = sorted(recs, key=lambda r: hashlib.sha256(f"{seed}\0{r['id']}".encode()).digest())
+    held = {r["id"] for r in ranked[:n]}
+    return [r for r in recs if r["id"] not in held], [r for r in recs if r["id"] in held]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> token ids.
+
+
+def conversation(record: dict, path: str, *, assistant_name: str, knowledge_cutoff: str) -> tuple[str, str]:
+    """(source, target) text of one sft record in the chat format; the system prompt is fixed by the id."""
+    system = templates.engraving_system_prompt(record["id"], assistant_name, knowledge_cutoff)
+    user = templates.user_message(record["instruction"], record["input"])
+    try:
+        return templates.split_for_training(system, user, record["output"], assistant_name)
+    except ValueError as err:
+        raise ValueError(f"{path}: record {record['id']!r}: {err}") from None
+
+
+def encode(tok, source: str, target: str, *, source_max_len: int, target_max_len: int,
+           add_eos: bool) -> tuple[list[int], int]:
+    """(token ids, number of source tokens). The source keeps BOS and its last source_max_len - 1
+    tokens (the user's request matters more than the start of the system prompt); the target is
+    cut at its end, so an answer too long to finish never teaches EOS."""
+    src = tok.encode(source, bos=True)
+    if len(src) > source_max_len:
+        src = src[:1] + src[len(src) - source_max_len + 1 :] if source_max_len > 1 else src[:1]
+    tgt = (tok.encode(target, bos=False) + ([tok.eos_id] if add_eos else []))[:target_max_len]
+    return src + tgt, len(src)
+
+
+def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (tokens, labels), both (B, T); labels are IGNORE on the source and the padding."""
+    width = max(len(ids) for ids, _ in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, (ids, n_src) in enumerate(batch):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        labels[row, n_src : len(ids)] = torch.tensor(ids[n_src:])
+    return tokens.to(device), labels.to(device)
+
+
+class DataOrder:
+    """Sample i of the run is record perm_e[i % N] with e = i // N: a fresh seeded shuffle per epoch,
+    batches run across epoch ends, and step s always takes samples [s * B, (s + 1) * B)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def batch(self, step: int, size: int) -> list[int]:
+        return [self._perm(i // self.n)[i % self.n] for i in range(step * size, (step + 1) * size)]
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(hash_seed(self.seed, epoch))).tolist()}
+        return self._perms[epoch]
+
+
+def hash_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training helpers.
+
+
+def loss_sum(model, tokens: torch.Tensor, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
+    """Summed cross-entropy of the labelled tokens of (B, T) `tokens`.
+
+    Logits are computed only where a label is predicted: the output projection (vocab x dim, the
+    largest matmul of a small model) never runs on the prompt or the padding.
+    """
+    keep = labels[:, 1:] != IGNORE  # (B, T-1): positions whose next token is trained on
+    with autocast, _only_positions(model, keep):
+        logits = model(tokens[:, :-1])  # (N, vocab) for the N kept positions
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum")
+
+
+@contextmanager
+def _only_positions(model, keep: torch.Tensor):
+    """Within the block, the final norm (and so the output projection) sees only h[keep]: (N, dim)."""
+    handle = model.norm.register_forward_pre_hook(lambda _, args: (args[0][keep],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _dp_sum(t: torch.Tensor, world) -> torch.Tensor:
+    if world.dp_size > 1:
+        from fairscale.nn.model_parallel import initialize as fs_init
+
+        t = t.to(world.device)
+        dist.all_reduce(t, group=fs_init.get_data_parallel_group())
+    return t.cpu()
+
+
+@torch.no_grad()
+def evaluate(model, data, micro_batch_size: int, world, autocast) -> float:
+    """Mean loss per target token over `data` (split between the data-parallel groups)."""
+    model.eval()
+    stats = torch.zeros(2)
+    mine = records.split_for_data_parallel(data, world.dp_rank, world.dp_size)
+    for j in range(0, len(mine), micro_batch_size):
+        tokens, labels = collate(mine[j : j + micro_batch_size], world.device)
+        stats += torch.tensor([loss_sum(model, tokens, labels, autocast).item(), (labels != IGNORE).sum().item()])
+    model.train()
+    stats = _dp_sum(stats, world)
+    return (stats[0] / stats[1].clamp(min=1)).item()
+
+
+def _open_log(path: Path, start: int, world):
+    """Append-only JSONL log; on resume, entries past the checkpoint (work that is redone) are dropped."""
+    if world.is_main and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def log(entry: dict) -> None:
+        if world.is_main:
+            with path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: checkpoints/step-NNNNNNN/ = the PEFT adapter, one state.mpKK.pt per model-parallel
+# rank (its LoRA shards, optimizer and scheduler state, RNG) and trainer_state.json, written last.
+
+
+def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, base: str) -> None:
+    ckpts = out / "checkpoints"
+    tmp, final = ckpts / f"step-{step:07d}.tmp", ckpts / f"step-{step:07d}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    state = lora.full_state(model, world)
+    if world.dp_rank == 0:  # data-parallel replicas hold identical states
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"lora": {n: p.detach().cpu() for n, p, _ in named}, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": rng, "step": step}, tmp / f"state.mp{world.mp_rank:02d}.pt")
+    if world.is_main:
+        lora.write_adapter(tmp, state, model, base)
+    distributed.barrier()
+    if world.is_main:
+        resumable = {k: options[k] for k in _RESUME_KEYS}
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "model_parallel_size": world.mp_size,
+                                                            "options": resumable}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in ckpts.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def _restore(out: Path, opt, sched, named, world, options: dict) -> int:
+    """Load the latest complete checkpoint; returns its step (0 when there is none)."""
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()
+                  and not p.name.endswith(".tmp"))
+    if not done:
+        if world.is_main:
+            print(f"{out}: no checkpoint to resume; starting from step 0", file=sys.stderr)
+        return 0
+    meta = json.loads((done[-1] / "trainer_state.json").read_text())
+    changed = [k for k in _RESUME_KEYS if meta["options"].get(k) != options[k]]
+    if changed:
+        raise ValueError(f"{done[-1]}: cannot resume with different {', '.join('--' + k for k in changed)} "
+                         f"(was {', '.join(repr(meta['options'].get(k)) for k in changed)})")
+    if meta["model_parallel_size"] != world.mp_size:
+        raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")
+    state = torch.load(done[-1] / f"state.mp{world.mp_rank:02d}.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, p, _ in named:
+            p.copy_(state["lora"][name])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if world.is_main:
+        print(f"{out}: resuming from step {meta['step']}", file=sys.stderr)
+    return meta["step"]
