@@ -26,10 +26,11 @@ import torch
 
 from .model import ModelArgs
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
-TRAIN = {"steps": 240, "batch": 16, "seq_len": 256, "lr": 3e-3, "warmup": 20, "seed": 1234}
+TRAIN = {"steps": 150, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234}
+VIEW_REPEATS = 4
 
 
 def cache_root() -> Path:
@@ -39,25 +40,34 @@ def cache_root() -> Path:
 
 
 def corpus_texts() -> list[str]:
-    """Every text of prompts/, in a fixed order: principles, exemplars, seeds, templates.
+    """The training documents, in a fixed order, all derived from prompts/.
 
-    JSON files contribute their string values, so the model sees prose rather than braces. The
-    rendered self-align prompt and a few chat-format exemplars come first: those are the formats the
-    stages will ask this model to continue.
+    First the views the stages will ask this model to continue, repeated so that a minute of
+    training learns them: each exemplar conversation as it appears in the self-align prompt
+    (user turn, internal thoughts opening with the self-identification sentence, answer) and in
+    the chat format that finetune and chat use. Then every file of prompts/ as plain text (JSON
+    files contribute their string values, so the model sees prose rather than braces).
     """
     from . import templates
 
-    root = templates.prompts_dir()
     texts: list[str] = []
-    try:
-        texts.append(templates.self_align_prefix())
-    except Exception:  # noqa: BLE001 - the corpus is still useful without it
-        pass
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    prefix = templates.self_align_prefix()
+    marker, divider = templates.user_marker(), templates.conversation_divider()
+    blocks = [b.strip() for b in prefix.split(divider)[1:] if marker in b and b.strip() != marker]
+    system = templates.load_system_prompt("standard")
+    chats = []
+    for ex in templates.load_exemplars(assistant_name=templates.DEFAULT_ASSISTANT_NAME):
+        turns = [{"role": t.role, "content": t.content} for t in ex.turns]
+        chats.append(templates.format_conversation(system, turns, add_generation_prompt=False))
+    for _ in range(VIEW_REPEATS):
+        texts += [f"{divider}\n\n{b}\n\n{divider}" for b in blocks] + chats
+    texts.append(prefix)
+    root = templates.prompts_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         raw = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix in (".json", ".jsonl"):
             texts.extend(_strings(raw))
-        elif path.suffix in (".txt", ".md", ""):
+        elif path.suffix in (".txt", ".md"):
             texts.append(raw)
     return [t for t in texts if t.strip()]
 
@@ -84,7 +94,7 @@ def _strings(raw: str) -> list[str]:
 
 
 def fingerprint(texts: list[str]) -> str:
-    h = hashlib.sha256(f"v{BUILD_VERSION}{asdict(ARGS)}{TRAIN}".encode())
+    h = hashlib.sha256(f"v{BUILD_VERSION}{asdict(ARGS)}{TRAIN}{VIEW_REPEATS}".encode())
     for t in texts:
         h.update(t.encode())
     return h.hexdigest()[:12]

@@ -377,6 +377,11 @@ def _settings() -> _SelfAlignSettings:
     return _SelfAlignSettings(*(data[key].strip() for key in keys))
 
 
+def conversation_divider() -> str:
+    """The line that separates conversations in the self-align prompt."""
+    return _settings().divider
+
+
 def internal_codename() -> str:
     """The assistant's name inside the self-align prompt; curate replaces it with the real name."""
     return _settings().codename
