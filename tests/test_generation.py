@@ -1,0 +1,323 @@
+"""The sampling engine: shared-prefix cache, stops, EOS, biases, penalties, seeds, streaming."""
+
+import pytest
+import torch
+
+from dromedary import generation
+from dromedary.generation import Engine, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("world")
+
+SHARED = "Every helpful assistant should read the principle, think about the user, and answer honestly. "
+BATCH_A = [SHARED + "The camel", SHARED + "Which river runs through the city at night?", SHARED + "Tea"]
+BATCH_B = [SHARED + "Good morning", SHARED + "The camel walks across the desert sand, slowly"]
+# Shares a longer prefix than BATCH_A's cached one: the cached block is reused, the rest is per row.
+BATCH_C = [SHARED + "The camel walks", SHARED + "The camel walks across", SHARED + "The camel walks across the"]
+PLAIN = ["The camel", "Hello there friend, what is the answer?", "日本 café €", "Water", "One two three"]
+
+GREEDY = SamplingParams(max_new_tokens=16)
+SAMPLED = SamplingParams(max_new_tokens=16, temperature=1.0)
+
+
+@pytest.fixture
+def engine(gqa_loaded):
+    return Engine(gqa_loaded.model, gqa_loaded.tokenizer)
+
+
+class Uncached(Engine):
+    """An engine that never builds a shared-prefix block (MIN_PREFIX_TOKENS patched per call)."""
+
+    def generate(self, *args, **kwargs):
+        saved = generation.MIN_PREFIX_TOKENS
+        generation.MIN_PREFIX_TOKENS = 10**9
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            generation.MIN_PREFIX_TOKENS = saved
+
+
+@pytest.fixture
+def uncached(gqa_loaded):
+    return Uncached(gqa_loaded.model, gqa_loaded.tokenizer)
+
+
+def texts(gens):
+    return [g.text for g in gens]
+
+
+def run(engine, prompts, params, seeds=None):
+    seeds = seeds if seeds is not None else list(range(100, 100 + len(prompts)))
+    return [(g.tokens, g.text, g.finish_reason) for g in engine.generate(prompts, params, seeds=seeds)]
+
+
+# ------------------------------------------------------------------------------ prefix cache
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_prefix_cache_matches_uncached_generation_across_calls(engine, uncached, params):
+    expected = [run(uncached, batch, params) for batch in (BATCH_A, BATCH_B, BATCH_C, BATCH_A[:1])]
+    assert uncached._prefix is None
+
+    got = [run(engine, BATCH_A, params)]
+    cached = engine._prefix
+    assert cached is not None and len(cached.tokens) >= generation.MIN_PREFIX_TOKENS
+    for batch in (BATCH_B, BATCH_C, BATCH_A[:1]):
+        got.append(run(engine, batch, params))
+        assert engine._prefix is cached  # reused, not recomputed
+    assert got == expected
+
+
+def test_prefix_cache_is_replaced_by_a_different_prefix(engine, uncached):
+    other = ["A different long shared preamble about water, rivers and the city markets. " + s
+             for s in ("Tea", "Bread and coffee")]
+    engine.generate(BATCH_A, GREEDY)
+    first = engine._prefix
+    got = run(engine, other, GREEDY)
+    assert engine._prefix is not first
+    assert got == run(uncached, other, GREEDY)
+    # ...and a batch without the cached prefix runs uncached and correctly.
+    assert run(engine, PLAIN, GREEDY) == run(uncached, PLAIN, GREEDY)
+
+
+def test_prompt_one_token_longer_than_the_cached_prefix(engine, uncached, tokenizer):
+    engine.generate(BATCH_A, GREEDY)
+    n = len(engine._prefix.tokens)
+    ids = tokenizer.encode(BATCH_A[0])[: n + 1]  # every row keeps one token of its own
+    assert run(engine, [ids], GREEDY) == run(uncached, [ids], GREEDY)
+
+
+# ------------------------------------------------------------------------------------- stops
+
+def stop_candidates(text: str) -> list[tuple[int, str]]:
+    """(first index, 2-char string) for substrings of `text` usable as stop strings."""
+    out = []
+    for k in range(1, len(text) - 1):
+        s = text[k : k + 2]
+        if "\ufffd" not in s and text.find(s) == k:
+            out.append((k, s))
+    return out
+
+
+def expected_cut(text: str, stops) -> tuple[str, str]:
+    hits = [text.find(s) for s in stops if text.find(s) >= 0]
+    return (text[: min(hits)], "stop") if hits else (text, None)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_stop_strings_cut_before_the_first_stop_at_any_batch_size(engine, batch):
+    params = SamplingParams(max_new_tokens=24)
+    prompts = PLAIN[:batch]
+    full = engine.generate(prompts, params)
+    cands = stop_candidates(full[0].text)
+    assert len(cands) >= 3, full[0].text
+    # Two stops that occur in row 0 (the later one listed first) and one that never occurs.
+    early, late = cands[len(cands) // 3], cands[-1]
+    stops = [late[1], "\x00never\x00", early[1]]
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop=stops))
+    assert got[0].text == full[0].text[: early[0]] and got[0].finish_reason == "stop"
+    for g, f in zip(got, full):
+        text, reason = expected_cut(f.text, stops)
+        assert g.text == text
+        assert g.finish_reason == (reason or f.finish_reason)
+
+
+def test_stop_string_found_within_one_token(engine):
+    full = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24))[0]
+    k, s = stop_candidates(full.text)[0]
+    got = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24, stop=[s[0]]))[0]
+    assert got.text == full.text[: full.text.find(s[0])]
+
+
+def test_streamed_deltas_concatenate_to_each_rows_text(engine):
+    streamed = {i: "" for i in range(len(PLAIN))}
+
+    def on_text(row, delta):
+        streamed[row] += delta
+
+    gens = engine.generate(PLAIN, SamplingParams(max_new_tokens=24), on_text=on_text)
+    assert [streamed[i] for i in range(len(PLAIN))] == texts(gens)
+
+
+def spanning_stop(tokenizer, tokens):
+    """A 2-char stop string whose first char ends one token's text and whose second begins the
+    next token's, first occurring there."""
+    for i in range(1, len(tokens)):
+        before, after = tokenizer.decode(tokens[:i]), tokenizer.decode(tokens[: i + 1])
+        if len(after) > len(before) and before and "\ufffd" not in after[len(before) - 1 : len(before) + 1]:
+            stop = after[len(before) - 1 : len(before) + 1]
+            if after.find(stop) == len(before) - 1:
+                return stop, len(before) - 1
+    raise AssertionError("no token boundary to put a stop string across")
+
+
+@pytest.mark.xfail(strict=True, reason="generation.py streams the first characters of a stop string that "
+                   "spans tokens before the stop is recognised (see the core-engine test report)")
+def test_stop_string_spanning_two_tokens_is_never_streamed(engine, tokenizer):
+    """What chat shows while streaming must be exactly the final text: a stop string is never
+    shown, not even its first characters (e.g. the "\n\n" of "\n\n### User")."""
+    full = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24))[0]
+    stop, at = spanning_stop(tokenizer, full.tokens)
+    shown = []
+    g = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24, stop=[stop]),
+                        on_text=lambda row, delta: shown.append(delta))[0]
+    assert g.text == full.text[:at] and g.finish_reason == "stop"
+    assert "".join(shown) == g.text
+
+
+# ----------------------------------------------------------------- EOS, biases, penalties, limits
+
+def test_eos_finishes_a_row_and_is_not_part_of_the_output(engine, tokenizer):
+    params = SamplingParams(max_new_tokens=8, logit_bias={tokenizer.eos_id: 100.0})
+    g = engine.generate(["The camel"], params)[0]
+    assert (g.tokens, g.text, g.finish_reason) == ([], "", "eos")
+
+
+def test_min_new_tokens_holds_off_eos(engine, tokenizer):
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=3, logit_bias={tokenizer.eos_id: 100.0})
+    gens = engine.generate(["The camel", "Hello there friend"], params)
+    for g in gens:
+        assert len(g.tokens) == 3 and g.finish_reason == "eos"
+        assert tokenizer.eos_id not in g.tokens
+
+
+def test_rows_finishing_early_do_not_disturb_the_others(engine, tokenizer):
+    # Row 0 stops at once (a stop string that is its whole first token); the others must be the
+    # same as when generated alone.
+    alone = [engine.generate([p], GREEDY)[0] for p in PLAIN]
+    first = alone[0].text[:1]
+    gens = engine.generate(PLAIN, SamplingParams(max_new_tokens=16, stop=[first]))
+    assert gens[0].finish_reason == "stop"
+    for g, a in zip(gens[1:], alone[1:]):
+        assert g.text == expected_cut(a.text, [first])[0]
+
+
+def test_logit_bias_forces_a_token(engine, tokenizer):
+    token = tokenizer.encode("camel", bos=False)[0]
+    g = engine.generate(["Water"], SamplingParams(max_new_tokens=6, logit_bias={token: 100.0}))[0]
+    assert g.tokens == [token] * 6
+    assert g.text == tokenizer.decode([token] * 6)
+    g = engine.generate(["Water"], SamplingParams(max_new_tokens=6, temperature=1.0, logit_bias={token: 100.0}))[0]
+    assert g.tokens == [token] * 6
+
+
+def repeats(tokens, n):
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_ngram_penalties_change_the_output(engine):
+    params = SamplingParams(max_new_tokens=40)
+    base = engine.generate(PLAIN, params)
+    # The random model repeats itself under greedy decoding (that is what the penalties are for).
+    assert sum(repeats(g.tokens, 1) for g in base) > 0
+    assert sum(repeats(g.tokens, 2) for g in base) > 0
+    unigram = engine.generate(PLAIN, SamplingParams(max_new_tokens=40, ngram_penalties=(100.0, 0, 0, 0)))
+    assert all(repeats(g.tokens, 1) == 0 for g in unigram)
+    # n = 2: a token that already followed the current last token is penalised.
+    bigram = engine.generate(PLAIN, SamplingParams(max_new_tokens=40, ngram_penalties=(0, 100.0, 0, 0)))
+    assert all(repeats(g.tokens, 2) == 0 for g in bigram)
+    assert [g.tokens for g in bigram] != [g.tokens for g in base]
+    # The penalty changes nothing before the first repeat.
+    for b, u in zip(base, unigram):
+        seen, k = set(), 0
+        while k < len(b.tokens) and b.tokens[k] not in seen:
+            seen.add(b.tokens[k])
+            k += 1
+        assert u.tokens[:k] == b.tokens[:k]
+
+
+def test_max_new_tokens_and_length_finish(engine):
+    gens = engine.generate(PLAIN, SamplingParams(max_new_tokens=5))
+    for g in gens:
+        if g.finish_reason == "length":
+            assert len(g.tokens) == 5
+        else:
+            assert len(g.tokens) < 5
+    assert any(g.finish_reason == "length" for g in gens)
+
+
+def test_prompt_longer_than_the_context_is_refused(engine, tokenizer):
+    long = "camel " * 400
+    assert len(tokenizer.encode(long)) >= engine.max_seq_len
+    with pytest.raises(ValueError, match="context window"):
+        engine.generate([long], GREEDY)
+
+
+def test_generation_stops_at_the_context_window(gqa_loaded, tokenizer):
+    engine = Engine(gqa_loaded.model, tokenizer, max_seq_len=24)
+    ids = tokenizer.encode("The camel")
+    g = engine.generate([ids], SamplingParams(max_new_tokens=100))[0]
+    assert len(ids) + len(g.tokens) == 24 and g.finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_new_tokens=5, max_new_tokens=4), "min_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_bad_sampling_params_are_refused(engine, bad, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(["x"], SamplingParams(**bad))
+
+
+# ------------------------------------------------------------------------------------- seeds
+
+def test_same_seed_same_text_and_different_seed_different_text(engine):
+    a = engine.generate(PLAIN, SAMPLED, seed=7)
+    b = engine.generate(PLAIN, SAMPLED, seed=7)
+    c = engine.generate(PLAIN, SAMPLED, seed=8)
+    assert texts(a) == texts(b)
+    assert texts(a) != texts(c)
+    assert texts(a) != texts(engine.generate(PLAIN, GREEDY))
+
+
+def test_row_seed_makes_a_row_independent_of_its_batch(engine):
+    seeds = [11, 22, 33, 44, 55]
+    together = engine.generate(PLAIN, SAMPLED, seeds=seeds)
+    for i, prompt in enumerate(PLAIN):
+        alone = engine.generate([prompt], SAMPLED, seeds=[seeds[i]])[0]
+        assert alone.tokens == together[i].tokens
+    shuffled = engine.generate(PLAIN[::-1], SAMPLED, seeds=seeds[::-1])
+    assert [g.tokens for g in shuffled[::-1]] == [g.tokens for g in together]
+
+
+def test_row_seed_is_stable_and_depends_on_seed_and_key():
+    assert generation.row_seed(0, "r1") == generation.row_seed(0, "r1")
+    assert len({generation.row_seed(0, "r1"), generation.row_seed(1, "r1"), generation.row_seed(0, "r2")}) == 3
+    assert 0 <= generation.row_seed(123, "x") < 2**63
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(engine):
+    greedy = engine.generate(PLAIN, GREEDY)
+    for params in (SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1),
+                   SamplingParams(max_new_tokens=16, temperature=1.5, top_p=1e-6)):
+        got = engine.generate(PLAIN, params, seeds=[1, 2, 3, 4, 5])
+        assert [g.tokens for g in got] == [g.tokens for g in greedy]
+
+
+def test_top_k_limits_sampling_to_the_k_most_likely(engine, gqa_loaded, tokenizer):
+    ids = tokenizer.encode("The camel")
+    with torch.no_grad():
+        logits = gqa_loaded.model(torch.tensor([ids]))[0, -1]
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    firsts = {engine.generate([ids], SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3), seeds=[s])[0].tokens[0]
+              for s in range(40)}
+    assert firsts <= top3 and len(firsts) >= 2
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(world, tokenizer):
+    """A checkpoint may have more embedding rows than the tokenizer has pieces (LLaMA-2 HF)."""
+    from dromedary import checkpoint
+    from dromedary.model import Transformer
+    from helpers_ckpt import GQA
+    from dataclasses import replace
+
+    args = replace(GQA, vocab_size=tokenizer.n_words + 10)
+    model = Transformer(args)
+    model.load_state_dict(checkpoint.init_state(args, seed=3, std=0.3))
+    model.eval()
+    engine = Engine(model, tokenizer)
+    g = engine.generate(["Water"], SamplingParams(max_new_tokens=5, temperature=1.0,
+                                                  logit_bias={tokenizer.n_words + 3: 1000.0}))[0]
+    assert all(t < tokenizer.n_words for t in g.tokens)
