@@ -56,10 +56,9 @@ def build(
         resolve_ckpt_dir(ckpt_dir)  # the embedded default is built once, by rank 0
     distributed.barrier()
     path = resolve_ckpt_dir(ckpt_dir)
+    reader = checkpoint.open_checkpoint(path)  # first: a mistyped --ckpt_dir is named as such
     tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
     torch_dtype = distributed.pick_dtype(world.device, dtype)
-
-    reader = checkpoint.open_checkpoint(path)
     source = reader.args
     if tokenizer.n_words > source.vocab_size:
         raise checkpoint.CheckpointError(

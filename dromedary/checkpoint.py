@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -157,10 +158,17 @@ def open_checkpoint(ckpt_dir) -> Reader:
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:
-        # Old zip-less pickles cannot be memory-mapped; still never unpickle code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Old zip-less pickles cannot be memory-mapped; still never unpickle code.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False; name the refused object, not that advice.
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "not plain tensors")
+        raise CheckpointError(f"{path}: refusing to load: {detail} (only tensors are loaded, never code)") from None
 
 
 class MetaReader(Reader):
@@ -189,7 +197,7 @@ class MetaReader(Reader):
             raise CheckpointError(
                 f"{self.path}/params.json: FFN width from multiple_of={args.multiple_of}, "
                 f"ffn_dim_multiplier={args.ffn_dim_multiplier} is {args.ffn_size}, "
-                f"but layers.0.feed_forward.w1.weight has {w1.shape[0]} rows"
+                f"but layers.0.feed_forward.w1.weight has {w1.shape[0]} rows" + self._shape_hint("")
             )
         return args
 

@@ -147,7 +147,7 @@ def build(out_dir: Path) -> None:
         input=str(corpus), model_prefix=str(out_dir / "tokenizer"), vocab_size=ARGS.vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        max_sentence_length=1 << 16, train_extremely_large_corpus=False,
+        max_sentence_length=1 << 16,
     )
     corpus.unlink()
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)

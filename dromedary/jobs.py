@@ -21,6 +21,19 @@ from tqdm import tqdm
 from . import distributed, records
 
 
+def already_done(output: str, inputs: Sequence[Mapping[str, Any]], overwrite: bool) -> bool:
+    """True (and says so) when OUTPUT already holds every input id: checked before loading a model,
+    which can take minutes. Every rank reads the same files, so every rank agrees."""
+    if overwrite or records.shard_files(output):  # shards left unmerged: let the job merge them
+        return False
+    done = records.scan_done_ids(output)
+    if records.pending(inputs, done):
+        return False
+    if distributed.world_or_none() is None or distributed.world().is_main:
+        print(records.resume_message(output, len(inputs), 0), file=sys.stderr)
+    return True
+
+
 class RecordJob:
     def __init__(
         self,

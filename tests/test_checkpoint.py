@@ -173,8 +173,6 @@ def test_a_missing_shard_is_named(ckpts, tmp_path, tokenizer_path):
         checkpoint.open_checkpoint(ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="MetaReader._resolve_args blames params.json's FFN width when the "
-                   "last consolidated.NN.pth is missing (see the core-engine test report)")
 def test_a_missing_last_shard_says_a_shard_may_be_missing(ckpts, tmp_path, tokenizer_path):
     # The last shard cannot be named (nothing on disk says how many there were), but the error
     # must point at the shards rather than at params.json.

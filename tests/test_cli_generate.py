@@ -233,8 +233,6 @@ def test_bad_checkpoint_is_a_one_line_error(tmp_path, inputs, capsys, world):
     assert str(tmp_path / "missing") in err
 
 
-@pytest.mark.xfail(strict=True, reason="builder.build opens the tokenizer before the checkpoint, so a mistyped "
-                   "--ckpt_dir says 'tokenizer model not found (pass --tokenizer_path)'")
 def test_missing_checkpoint_dir_is_reported_as_such(tmp_path, inputs, capsys, world):
     main(generate_args(tmp_path / "missing", inputs, tmp_path / "out.jsonl"))
     assert "checkpoint directory does not exist" in capsys.readouterr().err
@@ -262,8 +260,6 @@ def test_stop_flag_takes_a_json_list(ckpts, inputs, reference, tmp_path, world):
         assert g["completion"] == (ref["completion"][: min(hits)] if hits else ref["completion"])
 
 
-@pytest.mark.xfail(strict=True, reason="stages/generate.py turns a single --stop string into one stop per "
-                   "character (see the core-engine test report)")
 def test_stop_flag_with_a_single_string_is_one_stop_string(ckpts, inputs, reference, tmp_path, world):
     # `--stop '### User'` (no brackets) is one stop string, not a stop at every '#', ' ', 'U', ...
     char = next(c for c in reference[4]["completion"][1:] if c.isprintable() and c != "\ufffd")

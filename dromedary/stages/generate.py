@@ -7,7 +7,7 @@ from typing import Optional
 from .. import records
 from ..builder import build
 from ..generation import Engine, SamplingParams, row_seed
-from ..jobs import RecordJob
+from ..jobs import RecordJob, already_done
 
 
 def generate(
@@ -53,13 +53,16 @@ def generate(
       seed: sampling seed; each record samples from a seed derived from this and its id, so reruns and resumed runs repeat exactly.
       overwrite: start OUTPUT afresh instead of resuming it (the old file is kept as OUTPUT.bak).
     """
+    options = dict(locals())
+    stops = [stop] if isinstance(stop, str) else list(stop or ())  # Fire gives one string as a str
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                            top_p=top_p, top_k=top_k, stop=tuple(str(s) for s in (stop or ())))
+                            top_p=top_p, top_k=top_k, stop=tuple(str(s) for s in stops))
     params.check()
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
-    options = dict(locals())
     inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
+    if already_done(output, inputs, overwrite):
+        return
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
