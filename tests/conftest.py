@@ -16,10 +16,13 @@ from helpers_ckpt import GQA, LLAMA1, VOCAB, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Tests never read or write ~/.cache: the embedded default model lands in a temporary dir."""
+def _private_cache():
+    """Tests never read or write ~/.cache: the embedded default model lands in the repository's
+    (git-ignored) .pytest_cache, shared by every test process and kept between runs. Its directory
+    name is a fingerprint of the prompts and build settings, so a stale model is never reused."""
     saved = os.environ.get("DROMEDARY_CACHE")
-    os.environ["DROMEDARY_CACHE"] = str(tmp_path_factory.mktemp("dromedary-cache"))
+    default = Path(__file__).resolve().parent.parent / ".pytest_cache" / "dromedary-cache"
+    os.environ["DROMEDARY_CACHE"] = os.environ.get("DROMEDARY_TEST_CACHE", str(default))
     yield
     if saved is None:
         os.environ.pop("DROMEDARY_CACHE", None)
