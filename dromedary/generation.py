@@ -130,7 +130,8 @@ class Engine:
             return None
         cache = KVCache(k=[], v=[])
         tokens = torch.tensor([first[:common]], device=self.device)
-        self.model(tokens, cache=cache, prefix_only=True)
+        # Only the keys and values are wanted: one output row keeps the (P, vocab) logits uncomputed.
+        self.model(tokens, cache=cache, prefix_only=True, output_index=torch.tensor([common - 1], device=self.device))
         self._prefix = _Prefix(tuple(first[:common]), cache)
         return self._prefix
 

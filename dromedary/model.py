@@ -75,9 +75,11 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 class KVCache:
     """Per-layer key/value buffers for one generation run, plus an optional shared prefix.
 
-    `k[i]`, `v[i]`: (B, S, n_local_kv_heads, head_dim) for the rows' own tokens.
-    `prefix_k[i]`, `prefix_v[i]`: (1, P, n_local_kv_heads, head_dim), computed once and attended by
-    every row through broadcasting, so a long shared prompt is never copied per row or per step.
+    `k[i]`, `v[i]`: (B, n_local_kv_heads, S, head_dim) for the rows' own tokens. Heads come before
+    slots so that the slots [0, span) read by a pass are a strided view that attention kernels
+    take as it is (no per-step copy of the cache).
+    `prefix_k[i]`, `prefix_v[i]`: (1, n_local_kv_heads, P, head_dim), computed once and attended by
+    every row, so a long shared prompt is never copied per row or per step.
     """
 
     k: list[torch.Tensor]
@@ -87,12 +89,13 @@ class KVCache:
 
     @property
     def prefix_len(self) -> int:
-        return self.prefix_k[0].shape[1] if self.prefix_k else 0
+        return self.prefix_k[0].shape[2] if self.prefix_k else 0
 
     @classmethod
     def allocate(cls, model: "Transformer", batch: int, length: int, *, device, dtype) -> "KVCache":
-        shape = (batch, length, model.layers[0].attention.n_local_kv_heads, model.args.head_size)
+        shape = (batch, model.layers[0].attention.n_local_kv_heads, length, model.args.head_size)
         n = model.args.n_layers
+        # Zeros, not empty: masked slots get zero weight, and 0 * NaN garbage would still be NaN.
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
@@ -169,38 +172,65 @@ class Attention(nn.Module):
 
         if step is None or step.prefix_only:
             # Training, scoring, or filling the shared prefix: plain causal attention.
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kvh, T, D)
             if step is not None:
-                step.cache.prefix_k[step.layer] = k
-                step.cache.prefix_v[step.layer] = v
-            out = F.scaled_dot_product_attention(
-                q, k.transpose(1, 2), v.transpose(1, 2), is_causal=seqlen > 1, enable_gqa=True
-            )
+                # Contiguous once here, as every later pass reads them as GEMM operands.
+                step.cache.prefix_k[step.layer] = k.contiguous()
+                step.cache.prefix_v[step.layer] = v.contiguous()
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
         else:
             out = self._cached_attention(q, k, v, step)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def _cached_attention(self, q, k, v, step: "Step") -> torch.Tensor:
         cache, layer, bsz = step.cache, step.layer, q.shape[0]
-        # Each row writes its new keys at its own positions (rows have different lengths).
-        cache.k[layer][step.rows, step.slots] = k
-        cache.v[layer][step.rows, step.slots] = v
-        keys = [cache.k[layer][:bsz, : step.span], cache.v[layer][:bsz, : step.span]]
-        blocks = [keys]
-        if cache.prefix_k:
-            # (1, P, kvh, D): broadcast over the batch, never copied per row.
-            blocks.insert(0, [cache.prefix_k[layer], cache.prefix_v[layer]])
-        # Group query heads by kv head, (B, kvh, rep, T, D), so kv broadcasts over `rep`.
-        qg = q.unflatten(1, (self.n_local_kv_heads, -1))
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores = [qg @ kb.permute(0, 2, 3, 1).unsqueeze(2) for kb, _ in blocks]  # (B|1, kvh, rep, T, n)
-        s = torch.cat(scores, dim=-1).float() * scale + step.mask  # (B, kvh, rep, T, P + S)
-        p = torch.softmax(s, dim=-1).type_as(q)
-        out, offset = 0, 0
-        for kb, vb in blocks:
-            n = kb.shape[1]
-            out = out + p[..., offset : offset + n] @ vb.transpose(1, 2).unsqueeze(2)
-            offset += n
-        return out.flatten(1, 2)  # (B, H, T, D)
+        # Each row writes its new keys at its own slots (rows have different lengths). A slice
+        # between the two index tensors puts the indexed dims first: the target is (B, T, kvh, D),
+        # which is k's own layout.
+        cache.k[layer][step.rows, :, step.slots] = k
+        cache.v[layer][step.rows, :, step.slots] = v
+        keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
+        values = cache.v[layer][:bsz, :, : step.span]
+        if not cache.prefix_k:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+        # Shared prefix + own slots under one softmax: attend to each block separately and merge
+        # by their log-sum-exps. The prefix (1, kvh, P, D) is the same for every row, so the batch
+        # is folded into its query rows, (1, kvh, B * rep * T, D): it is read once per pass, where
+        # broadcasting it over the batch would copy it B times per layer per step.
+        bsz, n_heads, seqlen, head_dim = q.shape
+        kvh = self.n_local_kv_heads
+        folded = q.reshape(bsz, kvh, -1, head_dim).transpose(0, 1).reshape(1, kvh, -1, head_dim)
+        out_p, lse_p = attention_with_lse(folded, cache.prefix_k[layer], cache.prefix_v[layer])
+        out_p = out_p.view(kvh, bsz, -1, head_dim).transpose(0, 1).reshape(q.shape)  # (B, H, T, D)
+        lse_p = lse_p.view(kvh, bsz, -1).transpose(0, 1).reshape(bsz, n_heads, seqlen)  # (B, H, T)
+        out_s, lse_s = attention_with_lse(q, keys, values, step.mask)
+        lse = torch.logaddexp(lse_p, lse_s)
+        out = out_p * (lse_p - lse).exp()[..., None] + out_s * (lse_s - lse).exp()[..., None]
+        return out.type_as(q)
+
+
+def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention over one key block that also returns the block's log-sum-exp
+    of scores, so that blocks attended separately merge exactly.
+
+    q: (B, H, T, D); k, v: (B, kvh, S, D), query head h reading kv head h // (H / kvh);
+    mask: additive (B|1, 1, T, S) in q's dtype. Returns out (B, H, T, D) and lse (B, H, T) in fp32.
+    """
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        # The kernel behind CPU SDPA: fp32 accumulation, strided k/v and GQA taken as they are.
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)[:2]
+        return out, lse
+    bsz, n_heads, seqlen, head_dim = q.shape
+    qg = q.unflatten(1, (k.shape[1], -1))  # (B, kvh, rep, T, D): kv broadcasts over rep
+    s = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(head_dim)  # (B, kvh, rep, T, S)
+    if mask is not None:
+        s = s + mask.unsqueeze(2)
+    lse = torch.logsumexp(s, dim=-1)
+    out = (s - lse[..., None]).exp().type_as(q) @ v.unsqueeze(2)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass
@@ -211,7 +241,7 @@ class Step:
     rows: torch.Tensor  # (B, 1) row indices
     slots: torch.Tensor  # (B, T) cache slots written by the new tokens
     span: int  # slots [0, span) are read
-    mask: torch.Tensor  # (B, 1, 1, T, P + span) additive
+    mask: torch.Tensor  # (B, 1, T, span) additive, in the model's dtype: own slots each query sees
     prefix_only: bool = False
     layer: int = 0
 
@@ -292,7 +322,7 @@ class Transformer(nn.Module):
             rope = (cos[positions], sin[positions])
         step = None
         if cache is not None:
-            step = self._step(cache, positions, bsz, seqlen, prefix_only, h.device)
+            step = self._step(cache, positions, bsz, seqlen, prefix_only, h.device, h.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and step is None:
                 h = checkpoint(layer, h, rope, use_reentrant=False)
@@ -303,7 +333,7 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         return logits[..., : self.args.vocab_size]
 
-    def _step(self, cache: KVCache, positions, bsz: int, seqlen: int, prefix_only: bool, device) -> Step:
+    def _step(self, cache: KVCache, positions, bsz: int, seqlen: int, prefix_only: bool, device, dtype) -> Step:
         if prefix_only:
             cache.prefix_k = [None] * self.args.n_layers
             cache.prefix_v = [None] * self.args.n_layers
@@ -311,9 +341,9 @@ class Transformer(nn.Module):
         slots = positions - cache.prefix_len  # (B, T)
         span = int(slots.max()) + 1
         # A row's query at slot t sees its own slots <= t (slots past it hold padding or stale
-        # values from another row's longer prompt) and the whole shared prefix.
+        # values from another row's longer prompt); the whole shared prefix is always visible.
         visible = torch.arange(span, device=device)[None, None, :] <= slots[:, :, None]  # (B, T, S)
-        mask = torch.zeros(bsz, seqlen, cache.prefix_len + span, device=device)
-        mask[:, :, cache.prefix_len :].masked_fill_(~visible, float("-inf"))
+        mask = torch.zeros(bsz, 1, seqlen, span, device=device, dtype=dtype)
+        mask.masked_fill_(~visible[:, None], float("-inf"))
         rows = torch.arange(bsz, device=device)[:, None]
-        return Step(cache, rows=rows, slots=slots, span=span, mask=mask[:, None, None])
+        return Step(cache, rows=rows, slots=slots, span=span, mask=mask)

@@ -1,0 +1,294 @@
+"""Generation throughput: dromedary's engine against Hugging Face `generate`, same weights, one run.
+
+    python scripts/bench_generate.py                       # W1, W2, W3 at full size
+    python scripts/bench_generate.py --quick               # smaller sizes, a smoke run
+    python scripts/bench_generate.py --workloads W1 --repeats 5
+
+A random-weight LLaMA (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) is written once in
+Meta layout (loaded by `builder.build`, as every stage loads a model) and once in HF layout (loaded
+by `LlamaForCausalLM`), both bf16 on the CPU. A 32000-piece SentencePiece word model stands in for
+LLaMA's tokenizer so that every id the model can emit is a real token on both sides. Both sides
+run greedy, produce exactly N new tokens (EOS is masked for all N steps on both), use the same
+thread count, and are warmed up before timing; the reported figure is the median of --repeats.
+
+Workloads:
+  W1  the self-align shape: batch 8, a 1024-token prefix shared by every row + 32 own tokens,
+      64 new tokens. Target: ours >= 4x HF, identical tokens.
+  W2  batch 8 distinct 256-token prompts, 128 new tokens. Target: ours >= 1.5x HF.
+  W3  batch 1 decode (128-token prompt, 128 new tokens): decode tokens/s x weight bytes as a
+      fraction of the measured memory copy bandwidth. Target: >= 60%.
+
+Bandwidth definition: a large (1 GiB) tensor `copy_` into a preallocated buffer, counting the
+bytes read plus the bytes written, per second (median of several copies). The decode figure counts
+every weight matrix read once per token (all layers + the output projection; the embedding reads
+one row and is left out) and nothing else, so it is a lower bound on the bytes a step moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dromedary import builder, checkpoint  # noqa: E402
+from dromedary.generation import Engine, SamplingParams  # noqa: E402
+from dromedary.model import ModelArgs  # noqa: E402
+
+MODEL = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=2048)
+QUICK_MODEL = dict(dim=256, n_layers=4, n_heads=4, vocab_size=32000, hidden_dim=768, max_seq_len=2048)
+
+
+@dataclass
+class Workload:
+    name: str
+    batch: int
+    shared: int  # tokens of prefix common to every row (0: distinct prompts)
+    own: int  # tokens of each row's own
+    new: int  # tokens generated per row
+    target: float
+    what: str  # "ratio" (ours / HF) or "bandwidth" (fraction of memory bandwidth)
+
+
+WORKLOADS = {
+    "W1": Workload("W1", batch=8, shared=1024, own=32, new=64, target=4.0, what="ratio"),
+    "W2": Workload("W2", batch=8, shared=0, own=256, new=128, target=1.5, what="ratio"),
+    "W3": Workload("W3", batch=1, shared=0, own=128, new=128, target=0.60, what="bandwidth"),
+}
+QUICK = {
+    "W1": Workload("W1", batch=4, shared=256, own=16, new=16, target=4.0, what="ratio"),
+    "W2": Workload("W2", batch=4, shared=0, own=64, new=32, target=1.5, what="ratio"),
+    "W3": Workload("W3", batch=1, shared=0, own=32, new=32, target=0.60, what="bandwidth"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: tokenizer, checkpoints, both models.
+
+
+def make_tokenizer(out: Path, vocab: int) -> Path:
+    """A SentencePiece word model with exactly `vocab` pieces (trains in well under a second)."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words: set[str] = set()
+    while len(words) < vocab + 1000:
+        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))))
+    ordered = sorted(words)
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(ordered[i : i + 20]) for i in range(0, len(ordered), 20)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab, model_type="word",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
+    )
+    return out / "tokenizer.model"
+
+
+def make_checkpoints(out: Path, args: ModelArgs, seed: int) -> tuple[Path, Path]:
+    reader = checkpoint.StateReader(args, checkpoint.init_state(args, seed, std=0.02))
+    meta_dir, hf_dir = out / "meta", out / "hf"
+    checkpoint.save_checkpoint(reader, meta_dir, layout="meta")
+    checkpoint.save_checkpoint(reader, hf_dir, layout="hf")
+    return meta_dir, hf_dir
+
+
+def load_ours(meta_dir: Path, tokenizer: Path, dtype: str) -> Engine:
+    loaded = builder.build(str(meta_dir), tokenizer_path=str(tokenizer), dtype=dtype, device="cpu")
+    return Engine(loaded.model, loaded.tokenizer)
+
+
+def load_hf(hf_dir: Path, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Runs.
+
+
+def make_prompts(w: Workload, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Ids 3.. are ordinary words (0 unk, 1 bos, 2 eos); every row starts with BOS.
+    shared = [1] + torch.randint(3, vocab, (max(w.shared - 1, 0),), generator=g).tolist() if w.shared else []
+    rows = []
+    for _ in range(w.batch):
+        own = torch.randint(3, vocab, (w.own,), generator=g).tolist()
+        rows.append(shared + own if shared else [1] + own[1:])
+    return rows
+
+
+def run_ours(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+    # min_new_tokens = max_new_tokens masks EOS at every step, as HF's min_new_tokens does.
+    params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)
+    engine._prefix = None  # time the shared prefix's prefill too: HF has no such cache
+    start = time.perf_counter()
+    gens = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return [g.tokens for g in gens], elapsed
+
+
+def run_hf(model, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+    # Every workload's rows have one length, so no padding and an all-ones attention mask.
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            num_beams=1, eos_token_id=2, pad_token_id=0, use_cache=True,
+        )
+    elapsed = time.perf_counter() - start
+    return out[:, ids.shape[1] :].tolist(), elapsed
+
+
+def leading_match(a: list[int], b: list[int]) -> int:
+    """Tokens equal before the first difference (after one, greedy decoding goes its own way)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def timed_pairs(fns: list, repeats: int) -> list[tuple[object, float]]:
+    """(result, median seconds) per function. Each is warmed up once (allocator, oneDNN kernels,
+    lazily built tables), then the functions run interleaved, so that load from other processes on
+    the machine falls on all of them alike."""
+    for fn in fns:
+        fn()
+    results: list = [None] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            results[i], t = fn()
+            times[i].append(t)
+    return [(r, statistics.median(t)) for r, t in zip(results, times)]
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Bytes read + written per second by a large tensor copy (median)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_weight_bytes(args: ModelArgs, element_size: int) -> int:
+    per_layer = 4 * args.dim * args.dim + 3 * args.dim * args.ffn_size  # wq wk wv wo, w1 w2 w3 (MHA)
+    return (args.n_layers * per_layer + args.vocab_size * args.dim) * element_size
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller model and sizes: a smoke run")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-hf", action="store_true", help="time only our engine (profiling)")
+    ap.add_argument("--fp32-check", choices=("auto", "always", "never"), default="auto",
+                    help="rerun a short W1 in fp32 on both sides to check token identity "
+                         "(auto: when bf16 tokens differ)")
+    opts = ap.parse_args()
+    names = [n.strip().upper() for n in opts.workloads.split(",") if n.strip()]
+    table = QUICK if opts.quick else WORKLOADS
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"--workloads: unknown {unknown}; choose from {sorted(table)}")
+    torch.set_num_threads(opts.threads)
+    args = ModelArgs(**(QUICK_MODEL if opts.quick else MODEL))
+
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
+        tmp = Path(tmp)
+        tok = make_tokenizer(tmp, args.vocab_size)
+        meta_dir, hf_dir = make_checkpoints(tmp, args, opts.seed)
+        ours = load_ours(meta_dir, tok, "bf16")
+        hf = None if opts.no_hf else load_hf(hf_dir, torch.bfloat16)
+        print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, FFN {args.ffn_size}, "
+              f"vocab {args.vocab_size}, bf16 | torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"repeats {opts.repeats} (median)")
+
+        bandwidth = copy_bandwidth() if "W3" in names else None
+        if bandwidth:
+            print(f"memory copy bandwidth (read + written): {bandwidth / 1e9:.2f} GB/s")
+        summary, mismatched = [], False
+        print(f"\n{'wl':3} {'shape':>28} {'ours s':>8} {'ours tok/s':>11} {'HF s':>8} {'HF tok/s':>9} "
+              f"{'ratio':>6}  match (leading tokens equal per row)")
+        for name in names:
+            w = table[name]
+            prompts = make_prompts(w, args.vocab_size, opts.seed)
+            total = w.batch * w.new
+            fns = [lambda: run_ours(ours, prompts, w.new)]
+            if hf is not None:
+                fns.append(lambda: run_hf(hf, prompts, w.new))
+            if w.what == "bandwidth":
+                # The decode-only rate subtracts the prefill, timed as a one-token generation.
+                fns.append(lambda: run_ours(ours, prompts, 1))
+            timed = timed_pairs(fns, opts.repeats)
+            (toks, t_ours) = timed[0]
+            ours_tps = total / t_ours
+            shape = f"b{w.batch} " + (f"{w.shared}+{w.own}" if w.shared else f"{w.own}") + f" ->{w.new}"
+            if hf is not None:
+                (hf_toks, t_hf) = timed[1]
+                hf_tps = total / t_hf
+                match = [leading_match(a, b) for a, b in zip(toks, hf_toks)]
+                identical = all(m == w.new for m in match)
+                mismatched |= not identical
+                rates = " ".join(f"{m / w.new:.2f}" for m in match)
+                print(f"{name:3} {shape:>28} {t_ours:8.2f} {ours_tps:11.1f} {t_hf:8.2f} {hf_tps:9.1f} "
+                      f"{ours_tps / hf_tps:6.2f}  {'identical' if identical else 'DIFFER'}: {rates}", flush=True)
+            else:
+                hf_tps = None
+                print(f"{name:3} {shape:>28} {t_ours:8.2f} {ours_tps:11.1f}", flush=True)
+            line = f"{name}: ours {ours_tps:.1f} tok/s"
+            if hf_tps:
+                line += f", HF {hf_tps:.1f} tok/s, ratio {ours_tps / hf_tps:.2f}"
+            if w.what == "ratio":
+                line += f" (target >= {w.target:g}x)"
+            else:
+                t_prefill = timed[-1][1]
+                decode_tps = (w.new - 1) / max(t_ours - t_prefill, 1e-9)
+                moved = decode_tps * decode_weight_bytes(args, 2)
+                line += (f"; decode {decode_tps:.1f} tok/s x {decode_weight_bytes(args, 2) / 1e6:.0f} MB weights "
+                         f"= {moved / 1e9:.2f} GB/s = {moved / bandwidth:.0%} of copy bandwidth "
+                         f"{bandwidth / 1e9:.2f} GB/s (target >= {w.target:.0%})")
+            summary.append(line)
+
+        if hf is not None and (opts.fp32_check == "always" or (opts.fp32_check == "auto" and mismatched)):
+            del ours, hf
+            w = Workload("W1-fp32", batch=8, shared=256, own=32, new=24, target=0, what="ratio")
+            prompts = make_prompts(w, args.vocab_size, opts.seed)
+            toks, _ = run_ours(load_ours(meta_dir, tok, "fp32"), prompts, w.new)
+            hf_toks, _ = run_hf(load_hf(hf_dir, torch.float32), prompts, w.new)
+            match = [leading_match(a, b) for a, b in zip(toks, hf_toks)]
+            verdict = "identical" if all(m == w.new for m in match) else "DIFFER"
+            summary.append(f"fp32 check (b{w.batch} {w.shared}+{w.own} ->{w.new}): {verdict}, per-row match "
+                           + " ".join(f"{m / w.new:.2f}" for m in match))
+
+    print()
+    for line in summary:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
