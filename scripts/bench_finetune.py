@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dromedary import builder, checkpoint, lora  # noqa: E402
 from dromedary.model import ModelArgs  # noqa: E402
-from dromedary.stages.finetune import IGNORE, loss_sum  # noqa: E402
+from dromedary.sft import IGNORE, loss_sum  # noqa: E402
 
 
 def synthetic_batches(n: int, micro: int, seq_len: int, vocab: int, seed: int = 0):

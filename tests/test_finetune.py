@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dromedary import builder, checkpoint, distributed, lora, templates
+from dromedary import builder, checkpoint, distributed, lora, sft, templates
 from dromedary.model import ModelArgs
 from dromedary.stages import finetune as ft
 
@@ -144,27 +144,27 @@ def reference(files):
 
 def test_loss_mask_covers_exactly_the_answer(files, tok):
     rec = sft_records(1)[0]
-    source, target = ft.conversation(rec, "x", assistant_name="Dromedary", knowledge_cutoff="2021")
-    ids, n_src = ft.encode(tok, source, target, source_max_len=500, target_max_len=500, add_eos=True)
-    tokens, labels = ft.collate([(ids, n_src), (ids[:n_src + 3], n_src)], "cpu")
-    assert (labels[0, :n_src] == ft.IGNORE).all() and (labels[0, n_src:] == tokens[0, n_src:]).all()
+    source, target = sft.conversation(rec, "x", assistant_name="Dromedary", knowledge_cutoff="2021")
+    ids, n_src = sft.encode(tok, source, target, source_max_len=500, target_max_len=500, add_eos=True)
+    tokens, labels = sft.collate([(ids, n_src), (ids[:n_src + 3], n_src)], "cpu")
+    assert (labels[0, :n_src] == sft.IGNORE).all() and (labels[0, n_src:] == tokens[0, n_src:]).all()
     assert labels[0, -1] == tok.eos_id and tok.decode(labels[0, n_src:].tolist()) == rec["output"]
-    assert (labels[1, n_src + 3:] == ft.IGNORE).all()  # padding
-    no_eos, _ = ft.encode(tok, source, target, source_max_len=500, target_max_len=500, add_eos=False)
+    assert (labels[1, n_src + 3:] == sft.IGNORE).all()  # padding
+    no_eos, _ = sft.encode(tok, source, target, source_max_len=500, target_max_len=500, add_eos=False)
     assert no_eos == ids[:-1]
     # loss_sum computes logits only on the answer, and equals the masked full-logit loss.
     loaded = builder.build(str(files["ckpt"]), model_parallel_size=1, dtype="fp32")
     full = loaded.model(tokens[:, :-1])
-    want = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=ft.IGNORE,
+    want = torch.nn.functional.cross_entropy(full.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=sft.IGNORE,
                                              reduction="sum")
-    torch.testing.assert_close(ft.loss_sum(loaded.model, tokens, labels), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sft.loss_sum(loaded.model, tokens, labels), want, rtol=1e-5, atol=1e-5)
 
 
 def test_source_truncated_from_the_left_and_target_from_the_right(tok):
     rec = {**sft_records(1)[0], "instruction": " ".join(WORDS * 3)}
-    source, target = ft.conversation(rec, "x", assistant_name="Dromedary", knowledge_cutoff="2021")
+    source, target = sft.conversation(rec, "x", assistant_name="Dromedary", knowledge_cutoff="2021")
     whole = tok.encode(source, bos=True)
-    ids, n_src = ft.encode(tok, source, target, source_max_len=40, target_max_len=5, add_eos=True)
+    ids, n_src = sft.encode(tok, source, target, source_max_len=40, target_max_len=5, add_eos=True)
     assert n_src == 40 and ids[0] == tok.bos_id and ids[1:n_src] == whole[-39:]
     assert ids[n_src:] == tok.encode(target, bos=False)[:5]  # cut at the end: no EOS on a cut answer
 
@@ -175,8 +175,8 @@ def test_system_prompt_is_chosen_by_id_and_matches_the_chat_format():
     prompts = templates.engraving_system_prompts("Dromedary", "2021")
     chosen = []
     for rec in recs:
-        source, target = ft.conversation(rec, "x", **kw)
-        again, _ = ft.conversation({**rec, "output": "something else"}, "x", **kw)
+        source, target = sft.conversation(rec, "x", **kw)
+        again, _ = sft.conversation({**rec, "output": "something else"}, "x", **kw)
         system = templates.engraving_system_prompt(rec["id"], "Dromedary", "2021")
         user = templates.user_message(rec["instruction"], rec["input"])
         assert source == again == templates.format_conversation(system, [{"role": "user", "content": user}], "Dromedary")
@@ -302,26 +302,34 @@ def test_convert_merges_the_adapter(files, reference, tmp_path, layout):
 
 
 def test_generate_with_adapter_at_model_parallel_2_matches_one_process(files, reference, tmp_path):
+    import fire
+
+    from dromedary.stages.generate import generate
+
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": _sentence(random.Random(i), 5)}
                                                        for i in range(3)])
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"gen{nproc}.jsonl"
-        cli("generate", "--input", prompts, "--output", out, "--ckpt_dir", files["ckpt"], "--adapter", reference,
-            "--max_new_tokens", "8", "--dtype", "fp32", nproc=nproc)
-        outs[nproc] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
-    assert outs[1] == outs[2]
+    args = ["--input", prompts, "--ckpt_dir", files["ckpt"], "--adapter", reference, "--max_new_tokens", "8",
+            "--dtype", "fp32"]
+    fire.Fire(generate, command=[str(a) for a in args + ["--output", tmp_path / "one.jsonl"]])
+    cli("generate", *args, "--output", tmp_path / "two.jsonl", nproc=2)
+    one, two = ([json.loads(line)["completion"] for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                for n in ("one", "two"))
+    assert one == two and any(one)
 
 
 def test_cli_end_to_end(files, tmp_path):
     out = tmp_path / "adapter"
-    args = ["finetune", "--input", files["sft"], "--output_dir", out, "--ckpt_dir", files["ckpt"], "--max_steps", "2",
+    args = ["--input", files["sft"], "--output_dir", out, "--ckpt_dir", files["ckpt"], "--max_steps", "2",
             "--batch_size", "2", "--source_max_len", "48", "--target_max_len", "16", "--eval_fraction", "0.2"]
-    cli(*args)
+    proc = cli("finetune", *args)
+    assert "wrote adapter" in proc.stderr
     assert {lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl", "finetune.provenance.json", "checkpoints"} <= {
         p.name for p in out.iterdir()}
     assert json.loads((out / lora.CONFIG_FILE).read_text())["peft_type"] == "LORA"
     assert "eval_loss" in log_of(out)[-1]
-    again = cli(*args, check=False)
-    assert again.returncode == 2 and "--overwrite" in again.stderr  # never clobbered
-    assert "nothing to do" in cli(*args, "--resume").stderr
+    import fire
+
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a finished run is never clobbered...
+        fire.Fire(ft.finetune, command=[str(a) for a in args])
+    fire.Fire(ft.finetune, command=[str(a) for a in args + ["--resume"]])  # ...and resuming it does nothing
+    assert len(log_of(out)) == 2

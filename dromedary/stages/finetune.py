@@ -1,8 +1,8 @@
 """dromedary finetune: principle engraving, i.e. LoRA fine-tuning on curated sft records.
 
 load (records, model) -> transform (examples, training loop) -> write (PEFT adapter, log, provenance).
-The mechanics that other stages share (LoRA layers, adapters on disk, gradients under MP/DP) live in
-dromedary.lora.
+Records -> token ids and the loss live in dromedary.sft; LoRA layers, adapters on disk and
+gradients under model/data parallelism in dromedary.lora.
 """
 
 from __future__ import annotations
@@ -15,24 +15,20 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import distributed, lora, records, templates
+from .. import distributed, lora, records, sft, templates
 from ..builder import build
 
-IGNORE = -100
 _OUTPUTS = ("checkpoints", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl")
 # Flags that must not change between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("source_max_len", "target_max_len", "add_eos", "assistant_name", "knowledge_cutoff", "lora_r",
-                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "micro_batch_size",
-                "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "total_steps")
+                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "total_steps")
 
 
 def finetune(
@@ -119,8 +115,8 @@ def finetune(
     if not train_records:
         raise ValueError(f"{input}: no training records" + (" left after --eval_fraction" if eval_fraction else ""))
     text = dict(assistant_name=assistant_name, knowledge_cutoff=knowledge_cutoff)
-    train_pairs = [conversation(r, input, **text) for r in train_records]
-    eval_pairs = [conversation(r, eval_input or input, **text) for r in held_out]
+    train_pairs = [sft.conversation(r, input, **text) for r in train_records]
+    eval_pairs = [sft.conversation(r, eval_input or input, **text) for r in held_out]
     total_steps = max_steps or max(1, math.ceil((num_epochs or 1.0) * len(train_pairs) / batch_size))
     options["total_steps"] = total_steps
     out = Path(output_dir)
@@ -133,8 +129,8 @@ def finetune(
     if not lora.padding_is_harmless(loaded.source_args, world.mp_size):
         raise ValueError(lora._padding_message(loaded.source_args, world.mp_size))
     lens = dict(source_max_len=source_max_len, target_max_len=target_max_len, add_eos=add_eos)
-    train_data = [encode(tok, *pair, **lens) for pair in train_pairs]
-    eval_data = [encode(tok, *pair, **lens) for pair in eval_pairs]
+    train_data = [sft.encode(tok, *pair, **lens) for pair in train_pairs]
+    eval_data = [sft.encode(tok, *pair, **lens) for pair in eval_pairs]
 
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
     lora.init_lora(model, seed, world)
@@ -148,14 +144,13 @@ def finetune(
     start = _restore(out, opt, sched, named, world, options) if resume else 0
     if start >= total_steps:
         print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
+        _publish(out, total_steps, world, options, loaded, len(train_data), len(eval_data), seconds=0.0)
         return
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out / "train_log.jsonl", start, world)
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
                 if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
-    order = DataOrder(len(train_data), seed)
-    per_rank = batch_size // world.dp_size
-    n_micro = per_rank // micro_batch_size
+    order = sft.DataOrder(len(train_data), seed)
     if world.is_main:
         print(f"finetune: {len(train_data)} records, {len(eval_data)} held out, {total_steps} steps of {batch_size}; "
               f"{lora.summary(named, world):,} trainable LoRA parameters; world {world.world_size} "
@@ -166,32 +161,21 @@ def finetune(
     started, seen_tokens = time.time(), 0
     for step in range(start, total_steps):
         batch = [train_data[i] for i in order.batch(step, batch_size)]
-        denom = sum(len(ids) - n_src for ids, n_src in batch)  # target tokens in the whole global batch
-        mine = batch[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
-        stats = torch.zeros(2)  # (loss sum over this rank's target tokens / denom, tokens)
-        for j in range(n_micro):
-            # Dropout is seeded by the micro-batch's place in the global batch: any DP split, and a
-            # resumed run, draws the same masks.
-            torch.manual_seed(hash_seed(seed, step, world.dp_rank * n_micro + j))
-            tokens, labels = collate(mine[j * micro_batch_size : (j + 1) * micro_batch_size], world.device)
-            loss = loss_sum(model, tokens, labels, autocast) / denom
-            loss.backward()
-            stats += torch.tensor([loss.item(), tokens.numel()])
+        stats = sft.backward_batch(model, batch, micro_batch_size, world, seed=sft.hash_seed(seed, step), autocast=autocast)
         lora.all_reduce_grads(params, world)
         grad_norm = lora.clip_grad_norm(named, max_grad_norm, world)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        stats = _dp_sum(stats, world)
-        seen_tokens += int(stats[1])
+        loss, tokens = sft.dp_sum(stats, world).tolist()
+        seen_tokens += tokens
         rate = seen_tokens / max(1e-9, time.time() - started)
         entry = {"step": step + 1, "epoch": round((step + 1) * batch_size / len(train_data), 4),
-                 "loss": round(stats[0].item(), 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                 "tokens_per_s": round(rate, 1)}
+                 "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6), "tokens_per_s": round(rate, 1)}
         done = step + 1 == total_steps
         if eval_data and (done or (eval_steps and (step + 1) % eval_steps == 0)):
-            entry["eval_loss"] = round(evaluate(model, eval_data, micro_batch_size, world, autocast), 6)
+            entry["eval_loss"] = round(sft.evaluate(model, eval_data, micro_batch_size, world, autocast), 6)
         log(entry)
         bar.set_postfix_str(f"loss {entry['loss']:.4f} lr {lr:.2e} {rate:.0f} tok/s", refresh=False)
         bar.update(1)
@@ -200,13 +184,21 @@ def finetune(
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    state = lora.full_state(model, world)
+    _publish(out, total_steps, world, options, loaded, len(train_data), len(eval_data), time.time() - started)
+
+
+def _publish(out: Path, steps: int, world, options: dict, loaded, n_train: int, n_eval: int, seconds: float) -> None:
+    """The final adapter is the last checkpoint's, copied up into OUTPUT_DIR (also after a crash
+    between the two), with this run's provenance."""
     if world.is_main:
-        lora.write_adapter(out, state, model, loaded.name)
+        last = out / "checkpoints" / f"step-{steps:07d}"
+        for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
+            shutil.copyfile(last / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
         records.write_provenance(out / "finetune", command=sys.argv, options=options, model=loaded.name,
                                  extra={"world_size": world.world_size, "model_parallel_size": world.mp_size,
-                                        "train_records": len(train_data), "eval_records": len(eval_data),
-                                        "seconds": round(time.time() - started, 2)})
+                                        "train_records": n_train, "eval_records": n_eval, "steps": steps,
+                                        "seconds": round(seconds, 2)})
         print(f"wrote adapter to {out}", file=sys.stderr)
     distributed.barrier()
 
@@ -261,117 +253,10 @@ def _split(recs: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
     return [r for r in recs if r["id"] not in held], [r for r in recs if r["id"] in held]
 
 
-# ---------------------------------------------------------------------------------------------
-# Records -> token ids.
-
-
-def conversation(record: dict, path: str, *, assistant_name: str, knowledge_cutoff: str) -> tuple[str, str]:
-    """(source, target) text of one sft record in the chat format; the system prompt is fixed by the id."""
-    system = templates.engraving_system_prompt(record["id"], assistant_name, knowledge_cutoff)
-    user = templates.user_message(record["instruction"], record["input"])
-    try:
-        return templates.split_for_training(system, user, record["output"], assistant_name)
-    except ValueError as err:
-        raise ValueError(f"{path}: record {record['id']!r}: {err}") from None
-
-
-def encode(tok, source: str, target: str, *, source_max_len: int, target_max_len: int,
-           add_eos: bool) -> tuple[list[int], int]:
-    """(token ids, number of source tokens). The source keeps BOS and its last source_max_len - 1
-    tokens (the user's request matters more than the start of the system prompt); the target is
-    cut at its end, so an answer too long to finish never teaches EOS."""
-    src = tok.encode(source, bos=True)
-    if len(src) > source_max_len:
-        src = src[:1] + src[len(src) - source_max_len + 1 :] if source_max_len > 1 else src[:1]
-    tgt = (tok.encode(target, bos=False) + ([tok.eos_id] if add_eos else []))[:target_max_len]
-    return src + tgt, len(src)
-
-
-def collate(batch: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (tokens, labels), both (B, T); labels are IGNORE on the source and the padding."""
-    width = max(len(ids) for ids, _ in batch)
-    tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    for row, (ids, n_src) in enumerate(batch):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        labels[row, n_src : len(ids)] = torch.tensor(ids[n_src:])
-    return tokens.to(device), labels.to(device)
-
-
-class DataOrder:
-    """Sample i of the run is record perm_e[i % N] with e = i // N: a fresh seeded shuffle per epoch,
-    batches run across epoch ends, and step s always takes samples [s * B, (s + 1) * B)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def batch(self, step: int, size: int) -> list[int]:
-        return [self._perm(i // self.n)[i % self.n] for i in range(step * size, (step + 1) * size)]
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(hash_seed(self.seed, epoch))).tolist()}
-        return self._perms[epoch]
-
-
-def hash_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training helpers.
-
-
-def loss_sum(model, tokens: torch.Tensor, labels: torch.Tensor, autocast=nullcontext()) -> torch.Tensor:
-    """Summed cross-entropy of the labelled tokens of (B, T) `tokens`.
-
-    Logits are computed only where a label is predicted: the output projection (vocab x dim, the
-    largest matmul of a small model) never runs on the prompt or the padding.
-    """
-    keep = labels[:, 1:] != IGNORE  # (B, T-1): positions whose next token is trained on
-    with autocast, _only_positions(model, keep):
-        logits = model(tokens[:, :-1])  # (N, vocab) for the N kept positions
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum")
-
-
-@contextmanager
-def _only_positions(model, keep: torch.Tensor):
-    """Within the block, the final norm (and so the output projection) sees only h[keep]: (N, dim)."""
-    handle = model.norm.register_forward_pre_hook(lambda _, args: (args[0][keep],))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _dp_sum(t: torch.Tensor, world) -> torch.Tensor:
-    if world.dp_size > 1:
-        from fairscale.nn.model_parallel import initialize as fs_init
-
-        t = t.to(world.device)
-        dist.all_reduce(t, group=fs_init.get_data_parallel_group())
-    return t.cpu()
-
-
-@torch.no_grad()
-def evaluate(model, data, micro_batch_size: int, world, autocast) -> float:
-    """Mean loss per target token over `data` (split between the data-parallel groups)."""
-    model.eval()
-    stats = torch.zeros(2)
-    mine = records.split_for_data_parallel(data, world.dp_rank, world.dp_size)
-    for j in range(0, len(mine), micro_batch_size):
-        tokens, labels = collate(mine[j : j + micro_batch_size], world.device)
-        stats += torch.tensor([loss_sum(model, tokens, labels, autocast).item(), (labels != IGNORE).sum().item()])
-    model.train()
-    stats = _dp_sum(stats, world)
-    return (stats[0] / stats[1].clamp(min=1)).item()
 
 
 def _open_log(path: Path, start: int, world):
