@@ -120,7 +120,8 @@ def ensure_default_model(quiet: bool = False) -> Path:
                                                                     "MASTER_ADDR", "MASTER_PORT")}
             subprocess.run([sys.executable, "-m", "dromedary.default_model", str(tmp)], check=True,
                            env={**env, "PYTHONPATH": _package_parent() + os.pathsep + env.get("PYTHONPATH", "")})
-            os.replace(tmp, target)
+            if not (target / "params.json").exists():  # another cache user may have finished first
+                os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
