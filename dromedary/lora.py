@@ -259,7 +259,7 @@ def full_state(model: nn.Module, world: distributed.World) -> dict[str, torch.Te
     return state
 
 
-def _only_lora_config(model: nn.Module) -> dict:
+def _config_of(model: nn.Module) -> dict:
     _, layer = next(lora_layers(model))
     return {"r": layer.r[ADAPTER], "lora_alpha": layer.lora_alpha[ADAPTER],
             "use_rslora": layer.use_rslora[ADAPTER],
@@ -271,7 +271,7 @@ def write_adapter(out_dir, state: dict[str, torch.Tensor], model: nn.Module, bas
     """adapter_config.json + adapter_model.safetensors, as HF peft's save_pretrained writes them."""
     from safetensors.torch import save_file
 
-    c = _only_lora_config(model)
+    c = _config_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     LoraConfig(r=c["r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"], use_rslora=c["use_rslora"],

@@ -333,3 +333,22 @@ def test_cli_end_to_end(files, tmp_path):
         fire.Fire(ft.finetune, command=[str(a) for a in args])
     fire.Fire(ft.finetune, command=[str(a) for a in args + ["--resume"]])  # ...and resuming it does nothing
     assert len(log_of(out)) == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(files, tok):
+    recs = sft_records(4)
+    batch = [sft.encode(tok, *sft.conversation(r, "x", assistant_name="Dromedary", knowledge_cutoff="2021"),
+                        source_max_len=64, target_max_len=24, add_eos=True) for r in recs]
+    grads = []
+    for flag in (False, True):
+        loaded = builder.build(str(files["ckpt"]), model_parallel_size=1, dtype="fp32", train=True)
+        lora.add_lora(loaded.model, r=4, alpha=8, dropout=0.1, targets=list(lora.MODULES))
+        lora.init_lora(loaded.model, 0, loaded.world)
+        with torch.no_grad():  # B = 0 would leave A without gradient
+            for _, p, _ in lora.trainable(loaded.model):
+                p.normal_(0, 0.1)
+        loaded.model.gradient_checkpointing = flag
+        sft.backward_batch(loaded.model, batch, 2, loaded.world, seed=0)
+        grads.append([p.grad.clone() for _, p, _ in lora.trainable(loaded.model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -120,6 +120,7 @@ def finetune(
     total_steps = max_steps or max(1, math.ceil((num_epochs or 1.0) * len(train_pairs) / batch_size))
     options["total_steps"] = total_steps
     out = Path(output_dir)
+    resume_from = _latest_checkpoint(out, options) if resume else None
     if not resume:
         _prepare_output(out, overwrite)
 
@@ -130,7 +131,7 @@ def finetune(
         raise ValueError(lora._padding_message(loaded.source_args, world.mp_size))
     lens = dict(source_max_len=source_max_len, target_max_len=target_max_len, add_eos=add_eos)
     train_data = [sft.encode(tok, *pair, **lens) for pair in train_pairs]
-    eval_data = [sft.encode(tok, *pair, **lens) for pair in eval_pairs]
+    eval_data = sorted((sft.encode(tok, *pair, **lens) for pair in eval_pairs), key=lambda e: len(e[0]))
 
     lora.add_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
     lora.init_lora(model, seed, world)
@@ -141,10 +142,10 @@ def finetune(
     warmup = math.ceil(warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total_steps))
 
-    start = _restore(out, opt, sched, named, world, options) if resume else 0
+    start = _restore(resume_from, opt, sched, named, world)
     if start >= total_steps:
         print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
-        _publish(out, total_steps, world, options, loaded, len(train_data), len(eval_data), seconds=0.0)
+        _publish(out, total_steps, world, provenance=None)  # in case a crash came between the two
         return
     out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out / "train_log.jsonl", start, world)
@@ -184,22 +185,22 @@ def finetune(
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    _publish(out, total_steps, world, options, loaded, len(train_data), len(eval_data), time.time() - started)
+    _publish(out, total_steps, world, provenance=dict(
+        command=sys.argv, options=options, model=loaded.name,
+        extra={"world_size": world.world_size, "model_parallel_size": world.mp_size, "train_records": len(train_data),
+               "eval_records": len(eval_data), "steps": [start, total_steps], "seconds": round(time.time() - started, 2)}))
 
 
-def _publish(out: Path, steps: int, world, options: dict, loaded, n_train: int, n_eval: int, seconds: float) -> None:
-    """The final adapter is the last checkpoint's, copied up into OUTPUT_DIR (also after a crash
-    between the two), with this run's provenance."""
+def _publish(out: Path, steps: int, world, provenance: Optional[dict]) -> None:
+    """The final adapter is the last checkpoint's, copied up into OUTPUT_DIR, with provenance."""
     if world.is_main:
         last = out / "checkpoints" / f"step-{steps:07d}"
         for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
             shutil.copyfile(last / name, out / f".{name}.tmp")
             os.replace(out / f".{name}.tmp", out / name)
-        records.write_provenance(out / "finetune", command=sys.argv, options=options, model=loaded.name,
-                                 extra={"world_size": world.world_size, "model_parallel_size": world.mp_size,
-                                        "train_records": n_train, "eval_records": n_eval, "steps": steps,
-                                        "seconds": round(seconds, 2)})
-        print(f"wrote adapter to {out}", file=sys.stderr)
+        if provenance:
+            records.write_provenance(out / "finetune", **provenance)
+            print(f"wrote adapter to {out}", file=sys.stderr)
     distributed.barrier()
 
 
@@ -237,10 +238,14 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
                                   f"or --overwrite to start afresh)")
-        if int(os.environ.get("RANK", 0)) == 0:
+        if _is_rank0():
             for name in _OUTPUTS:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def _split(recs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -305,22 +310,31 @@ def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, 
     distributed.barrier()
 
 
-def _restore(out: Path, opt, sched, named, world, options: dict) -> int:
-    """Load the latest complete checkpoint; returns its step (0 when there is none)."""
+def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
+    """The newest complete checkpoint to resume from, checked against this run's flags (None: none)."""
     done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()
                   and not p.name.endswith(".tmp"))
     if not done:
-        if world.is_main:
+        if _is_rank0():  # before the builder, which silences the other ranks
             print(f"{out}: no checkpoint to resume; starting from step 0", file=sys.stderr)
-        return 0
+        return None
     meta = json.loads((done[-1] / "trainer_state.json").read_text())
     changed = [k for k in _RESUME_KEYS if meta["options"].get(k) != options[k]]
     if changed:
-        raise ValueError(f"{done[-1]}: cannot resume with different {', '.join('--' + k for k in changed)} "
+        flags = ["--max_steps/--num_epochs" if k == "total_steps" else "--" + k for k in changed]
+        raise ValueError(f"{done[-1]}: cannot resume with different {', '.join(flags)} "
                          f"(was {', '.join(repr(meta['options'].get(k)) for k in changed)})")
-    if meta["model_parallel_size"] != world.mp_size:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if meta["model_parallel_size"] != (options["model_parallel_size"] or world_size):
         raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")
-    state = torch.load(done[-1] / f"state.mp{world.mp_rank:02d}.pt", map_location="cpu", weights_only=True)
+    return done[-1]
+
+
+def _restore(path: Optional[Path], opt, sched, named, world) -> int:
+    """Load this rank's LoRA shards, optimizer, scheduler and RNG; returns the checkpoint's step."""
+    if path is None:
+        return 0
+    state = torch.load(path / f"state.mp{world.mp_rank:02d}.pt", map_location="cpu", weights_only=True)
     with torch.no_grad():
         for name, p, _ in named:
             p.copy_(state["lora"][name])
@@ -330,5 +344,5 @@ def _restore(out: Path, opt, sched, named, world, options: dict) -> int:
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     if world.is_main:
-        print(f"{out}: resuming from step {meta['step']}", file=sys.stderr)
-    return meta["step"]
+        print(f"{path.parent.parent}: resuming from step {state['step']}", file=sys.stderr)
+    return state["step"]
