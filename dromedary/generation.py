@@ -9,13 +9,14 @@ and attended by every row through broadcasting. Finished rows leave the batch.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 
 from . import distributed
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, can_prepack, prepack_weights
 from .tokenizer import StreamDecoder, Tokenizer
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -73,7 +74,11 @@ class _Prefix:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: Optional[int] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: Optional[int] = None,
+                 prepack: Optional[bool] = None):
+        """`prepack`: keep oneDNN-packed copies of the weights for CPU bf16 decoding (about 1.4x
+        faster steps, at the cost of a second copy of the weights). Default: when the model is in
+        eval mode and the copy takes less than half of the memory now available."""
         self.model = model
         self.tok = tokenizer
         param = next(model.parameters())
@@ -83,6 +88,10 @@ class Engine:
         # Ids the model may emit but the tokenizer cannot decode (embedding rows past the
         # tokenizer's vocabulary) are never sampled.
         self.n_words = min(tokenizer.n_words, model.args.vocab_size)
+        if prepack is None:
+            prepack = not model.training and can_prepack(model) and 2 * _weight_bytes(model) < _available_memory()
+        if prepack:
+            prepack_weights(model)
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,6 +259,17 @@ class Engine:
                 picked = logprobs[i, len(r) - n - 1 : len(r) - 1].gather(-1, target[:, None])
                 scores.append(float(picked.sum()))
         return scores
+
+
+def _weight_bytes(model: Transformer) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: do not guess
+        return 0
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
