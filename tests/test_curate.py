@@ -331,3 +331,12 @@ def test_filters_are_plain_functions_on_strings():
     assert textfilters.rename("Lodestar's, Lodestars", "Lodestar", "Zed") == "Zed's, Lodestars"
     assert textfilters.shared_run("so I say the cat sat on the mat today", "a cat sat on the mat", 5) == \
         "cat sat on the mat"
+
+
+def test_a_prompt_name_mismatch_gets_a_hint(tmp_path, capsys):
+    inputs = write_jsonl(tmp_path / "in.jsonl", [self_align_record(generation(ANSWER).replace(CODENAME, "Zed"))])
+    argv = ["curate", "--input", inputs, "--output", tmp_path / "sft.jsonl"]
+    assert main(argv) == 0
+    assert "pass --prompt_name NAME" in capsys.readouterr().err
+    assert main(argv + ["--prompt_name", "Zed", "--overwrite"]) == 0
+    assert records.read_kind(tmp_path / "sft.jsonl", "sft")[0]["output"] == ANSWER

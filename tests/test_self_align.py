@@ -2,7 +2,6 @@
 the context-window check."""
 
 import json
-import re
 import signal
 import subprocess
 import time

@@ -101,6 +101,10 @@ def curate(
                 continue
             writer.write(sft)
             mixed_in += 1
+    marker = templates.answer_marker(internal)
+    if todo and not kept and not any(marker in r["generation"] for r in todo):
+        print(f"note: no generation contains {marker!r}; if self-align ran with --assistant_name NAME, "
+              "pass --prompt_name NAME", file=sys.stderr)
     summary = {"kept": kept, "rejected": dict(reasons), "mixed_in": mixed_in, "mix_duplicates": mix_duplicates}
     for path in (output, rejected):
         if path:

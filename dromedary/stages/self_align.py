@@ -98,8 +98,7 @@ def self_align(
             prime_prefix_cache(engine, prefix)
         for batch in job.batches(max_batch_size):
             prompts = [prefix + templates.self_align_suffix(r["instruction"], r["input"], name) for r in batch]
-            gens = engine.generate(prompts, params,
-                                   seeds=[row_seed(seed, r["id"]) for r in batch])
+            gens = engine.generate(prompts, params, seeds=[row_seed(seed, r["id"]) for r in batch])
             for record, gen in zip(batch, gens):
                 job.write({**record, "generation": gen.text, "prompt_version": version, "model": loaded.name})
             job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
@@ -145,9 +144,11 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
                          f"{fix}")
     # The prefix ends at a line break, a token boundary, so the suffix's tokens add up; +1 for the
     # word-start marker SentencePiece may put on the suffix's first piece when encoded alone.
-    too_long = [(r["id"], n) for r in inputs
-                if (n := prefix + 1 + len(tokenizer.encode(templates.self_align_suffix(r["instruction"], r["input"], name),
-                                                           bos=False))) + max_new_tokens > window]
+    def prompt_tokens(record: dict) -> int:
+        suffix = templates.self_align_suffix(record["instruction"], record["input"], name)
+        return prefix + 1 + len(tokenizer.encode(suffix, bos=False))
+
+    too_long = [(r["id"], n) for r in inputs if (n := prompt_tokens(r)) + max_new_tokens > window]
     if too_long:
         rid, n = too_long[0]
         raise ValueError(f"{input}: record {rid!r}: its self-align prompt has about {n} tokens, which with "
