@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dromedary import cli, distributed, records, templates, textfilters
+from dromedary.default_model import ensure_default_model
 from dromedary.stages.curate import Curator, read_sharegpt, report_table
 from helpers_ckpt import python_m, read_jsonl, run, write_jsonl
 
@@ -213,7 +214,13 @@ def main(argv) -> int:
 
 
 @pytest.fixture(scope="module")
-def self_aligned(tmp_path_factory) -> Path:
+def default_model() -> Path:
+    """Built here, in-process, if the cache lacks it: not inside a CLI subprocess with a timeout."""
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def self_aligned(default_model, tmp_path_factory) -> Path:
     """What the embedded default model writes after the self-align prompt, for 32 seed tasks
     (greedy: the tiny model copies its training text most faithfully that way)."""
     folder = tmp_path_factory.mktemp("self-align")

@@ -33,6 +33,12 @@ def prompt_records(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def default_model() -> Path:
+    """Built here, in-process, if the cache lacks it: not inside a CLI subprocess with a timeout."""
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_records(N))
 
@@ -42,7 +48,7 @@ def args(inputs, output, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference(prompts, tmp_path_factory) -> Path:
+def reference(default_model, prompts, tmp_path_factory) -> Path:
     """One process, `python -m dromedary`, batches of 4."""
     out = tmp_path_factory.mktemp("reference") / "self_align.jsonl"
     run(python_m() + args(prompts, out))
@@ -57,7 +63,7 @@ def main(argv) -> int:
         distributed.setup(1, "cpu")
 
 
-def test_records_are_the_prompt_records_plus_the_generation(reference, prompts):
+def test_records_are_the_prompt_records_plus_the_generation(default_model, reference, prompts):
     got = records.read_kind(reference, "self-align")
     inputs = read_jsonl(prompts)
     assert [r["id"] for r in got] == [r["id"] for r in inputs]
@@ -65,7 +71,7 @@ def test_records_are_the_prompt_records_plus_the_generation(reference, prompts):
         assert set(record) == set(prompt) | {"generation", "prompt_version", "model"}
         assert {k: record[k] for k in prompt} == prompt
         assert record["prompt_version"] == templates.self_align_prompt_version()
-        assert record["model"] == str(ensure_default_model(quiet=True))
+        assert record["model"] == str(default_model)
         # Cut before the next turn: no stop string survives in the stored text.
         assert not any(stop in record["generation"] for stop in templates.self_align_stop_strings())
     assert len({r["generation"] for r in got}) > N // 4
@@ -176,8 +182,8 @@ def test_bad_input_stops_with_file_line_reason_and_leaves_the_output_alone(tmp_p
     assert out.read_bytes() == before
 
 
-def test_prompt_too_long_for_the_context_window_names_the_fix(prompts, tmp_path, capsys):
-    tokenizer = Tokenizer(ensure_default_model(quiet=True) / "tokenizer.model")
+def test_prompt_too_long_for_the_context_window_names_the_fix(default_model, prompts, tmp_path, capsys):
+    tokenizer = Tokenizer(default_model / "tokenizer.model")
 
     def prefix_tokens(k):
         return len(tokenizer.encode(templates.self_align_prefix(None, templates.DEFAULT_KNOWLEDGE_CUTOFF, k)))

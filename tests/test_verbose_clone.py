@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dromedary import cli, distributed, records, templates
+from dromedary.default_model import ensure_default_model
 from dromedary.generation import Generation
 from dromedary.stages.verbose_clone import AnswerFilter
 from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl
@@ -74,7 +75,13 @@ FLAGS = ["--max_new_tokens", 128, "--min_words", 5, "--max_batch_size", 4, "--se
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory) -> Path:
+def default_model() -> Path:
+    """Built here, in-process, if the cache lacks it: not inside a CLI subprocess with a timeout."""
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def sft(default_model, tmp_path_factory) -> Path:
     tasks = templates.load_seed_tasks()[:N]
     return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", [
         {"id": f"s{i}", "instruction": t["instruction"], "input": t["input"], "output": t["output"],
