@@ -317,10 +317,13 @@ def test_generate_with_adapter_at_model_parallel_2_matches_one_process(files, re
     assert one == two and any(one)
 
 
-def test_cli_end_to_end(files, tmp_path):
+def test_cli_end_to_end_on_the_embedded_default_model(files, tmp_path):
+    from dromedary.default_model import ensure_default_model
+
+    ensure_default_model()  # built once per cache, in this process: the CLI below only loads it
     out = tmp_path / "adapter"
-    args = ["--input", files["sft"], "--output_dir", out, "--ckpt_dir", files["ckpt"], "--max_steps", "2",
-            "--batch_size", "2", "--source_max_len", "48", "--target_max_len", "16", "--eval_fraction", "0.2"]
+    args = ["--input", files["sft"], "--output_dir", out, "--max_steps", "2", "--batch_size", "2",
+            "--source_max_len", "48", "--target_max_len", "16", "--eval_fraction", "0.2"]
     proc = cli("finetune", *args)
     assert "wrote adapter" in proc.stderr
     assert {lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl", "finetune.provenance.json", "checkpoints"} <= {
