@@ -115,7 +115,7 @@ class _ParallelLora(PeftLoraLinear):
                 xa, scale = xa * mask, scale * rescale
             # peft computes B(A(x)) * s: same value, but scaling the rank-r activations instead
             # of the (B, T, out) result (and the dropout's 1/(1-p) with them) saves two full-size
-            # elementwise passes per layer, forward and backward.
+            # elementwise passes per adapted projection, forward and backward.
             h = self._combine(a(xa)) * scale  # (B, T, r)
             result = result + b(h).to(result.dtype)
         return result
@@ -130,7 +130,7 @@ class ColumnParallelLora(_ParallelLora):
         return module.in_features, module.output_size_per_partition
 
     def _combine(self, h):
-        return copy_to_model_parallel_region(h)  # backward: all-reduce A's input gradient share
+        return copy_to_model_parallel_region(h)  # backward: sum the ranks' shares of d loss / d(A x)
 
 
 class RowParallelLora(_ParallelLora):
