@@ -186,3 +186,16 @@ def test_a_record_too_long_for_the_context_window_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{inputs}: record 'huge'" in err and "exceeds the context window of 600 tokens" in err
     assert not out.exists() and not (tmp_path / "rejected.jsonl").exists()
+
+
+def test_with_an_engraving_adapter(sft, tmp_path):
+    """The stage's real use: the base model plus the LoRA adapter `finetune` wrote (two steps here)."""
+    adapter = tmp_path / "adapter"
+    run(python_m() + ["finetune", "--input", sft, "--output_dir", adapter, "--max_steps", 2, "--batch_size", 2])
+    few = write_jsonl(tmp_path / "few.jsonl", read_jsonl(sft)[:4])
+    out, rejected = tmp_path / "verbose.jsonl", tmp_path / "rejected.jsonl"
+    run(python_m() + args(few, out, rejected, "--adapter", adapter))
+    kept = records.read_kind(out, "sft")
+    assert sorted(r["id"] for r in kept + read_jsonl(rejected)) == ["s0", "s1", "s2", "s3"]
+    model = json.loads(Path(f"{out}.provenance.json").read_text())[-1]["model"]
+    assert model.endswith(f" + adapter {adapter}")
