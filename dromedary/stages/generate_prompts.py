@@ -87,7 +87,7 @@ def generate_prompts(
       num_prompts: how many generated prompts to write (tgrt, self-instruct: required); for import, keep a seeded sample of this many (default: all).
       seed: makes sampling, seed-task choice and subsampling repeatable.
       include_seeds: also write the human-written seed questions (tgrt) or seed tasks (self-instruct), with source tgrt-seed / self-instruct-seed; they do not count towards NUM_PROMPTS.
-      temperature: sampling temperature (> 0: every request must be able to differ).
+      temperature: sampling temperature; must be > 0, since requests that share a prompt must be able to differ.
       top_p: nucleus sampling threshold.
       max_rounds: stop after this many generation rounds even if NUM_PROMPTS is not reached (a weak model may never get there); a rerun with a larger value continues.
       topics_per_type: tgrt: brainstorm until each question type has this many topics (the file's example topics count).
@@ -105,7 +105,7 @@ def generate_prompts(
       tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
       adapter: PEFT LoRA adapter directory to apply on load.
       model_parallel_size: processes sharing one model copy. Default: the whole world.
-      max_batch_size: requests generated together; also caps the requests per question type (tgrt) or 8x it per round (self-instruct).
+      max_batch_size: requests generated together. A round asks for what is missing at the yield seen so far, at most MAX_BATCH_SIZE requests per question type (tgrt) or 8 x MAX_BATCH_SIZE requests (self-instruct).
       max_seq_len: context window. Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       overwrite: start OUTPUT afresh (the old file is kept as OUTPUT.bak) instead of resuming it.
@@ -435,8 +435,9 @@ def _run_requests(engine: Engine, requests: list[_Request], o: dict,
 def _stops(request: _Request) -> tuple[str, ...]:
     if request.kind == "tasks":
         return (f"{request.meta['next']}. Instruction",)  # the model starts a task we did not ask for
-    # A question is the first non-empty line, and some models open with a blank line: stop only
-    # when the model starts the next example.
+    # A topic list ends at a blank line. A question is one line, written on the "Question:" line
+    # as in the examples, so it ends at the first newline (a model that breaks the line first
+    # gets an empty text, which the parser rejects, rather than 80 tokens of rambling).
     return ("\n\n",) if request.kind == "topics" else ("\n",)
 
 
@@ -465,7 +466,7 @@ def _tgrt_requests(run: _Run) -> list[_Request]:
                 prompt = templates.topic_brainstorm_prompt(t, shown, NEW_TOPICS_PER_REQUEST)
                 requests.append(_Request(f"tgrt/topics/{t.name}/{rnd}", prompt, "topics", t.name, {"type": t.name}))
     per_type = min(o["max_batch_size"], math.ceil(_requests_needed(s, o["num_prompts"], 0.5) / len(types)))
-    for t in types:
+    for t in (t for t in types if s["topics"][t.name]):
         topics, cursor = s["topics"][t.name], s["cursors"][t.name]
         for k in range(cursor, cursor + per_type):
             topic, attempt = topics[k % len(topics)], k // len(topics)
