@@ -336,6 +336,10 @@ def test_cli_end_to_end_on_the_embedded_default_model(files, tmp_path):
         fire.Fire(ft.finetune, command=[str(a) for a in args])
     fire.Fire(ft.finetune, command=[str(a) for a in args + ["--resume"]])  # ...and resuming it does nothing
     assert len(log_of(out)) == 2
+    shorter = [str(a) for a in args]
+    shorter[shorter.index("--max_steps") + 1] = "1"
+    fire.Fire(ft.finetune, command=shorter + ["--overwrite"])  # starts afresh
+    assert len(log_of(out)) == 1 and [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(files, tok):
