@@ -26,11 +26,11 @@ import torch
 
 from .model import ModelArgs
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
-                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
-TRAIN = {"steps": 150, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234}
-VIEW_REPEATS = 4
+                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=8192)
+TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234}
+VIEW_REPEATS = 6
 
 
 def cache_root() -> Path:

@@ -134,10 +134,6 @@ def silence_this_rank() -> None:
     os.environ["TQDM_DISABLE"] = "1"
 
 
-def world_or_none() -> Optional[World]:
-    return _WORLD
-
-
 def world() -> World:
     if _WORLD is None:
         raise RuntimeError("distributed.setup() has not been called")
