@@ -26,7 +26,7 @@ import torch
 
 from .model import ModelArgs
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=8192)
 TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234}
@@ -61,6 +61,7 @@ def corpus_texts() -> list[str]:
         chats.append(templates.format_conversation(system, turns, add_generation_prompt=False))
     for _ in range(VIEW_REPEATS):
         texts += [f"{divider}\n\n{b}\n\n{divider}" for b in blocks] + chats
+    texts += _generation_views(templates)
     texts.append(prefix)
     root = templates.prompts_dir()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
@@ -70,6 +71,29 @@ def corpus_texts() -> list[str]:
         elif path.suffix in (".txt", ".md"):
             texts.append(raw)
     return [t for t in texts if t.strip()]
+
+
+def _generation_views(templates) -> list[str]:
+    """The prompt-generation formats, each continued with real examples from prompts/: TGRT topic
+    brainstorming and question writing, and the self-instruct numbered list."""
+    views = []
+    for qt in templates.load_question_types():
+        topics = list(qt.topics)
+        views.append(templates.topic_brainstorm_prompt(qt, topics[:2], n=len(topics) - 2) + "\n".join(topics[2:]))
+        for k, seed in enumerate(qt.seeds):
+            others = [s for j, s in enumerate(qt.seeds) if j != k]
+            views.append(f"{templates.tgrt_question_prompt(qt, seed.topic, others)} {seed.question}")
+    tasks = templates.load_seed_tasks()
+    shown, new = 3, 4
+    for start in range(0, len(tasks) - shown - new + 1, shown + new):
+        prompt = templates.self_instruct_prompt(tasks[start : start + shown], n_new=new)
+        follow = tasks[start + shown : start + shown + new]
+        lines = []
+        for n, task in enumerate(follow, start=shown + 1):
+            head = f"{n}. Instruction:" if lines else ""  # the prompt already ends with the first
+            lines.append(f"{head} {task['instruction']}\n{n}. Input: {task['input'] or templates.NO_INPUT}".lstrip())
+        views.append(prompt + " " + "\n\n".join(lines))
+    return views
 
 
 def _strings(raw: str) -> list[str]:
