@@ -1,0 +1,379 @@
+"""dromedary pipeline: the whole recipe in one command, every stage's output in one work directory.
+
+generate-prompts -> self-align -> curate -> finetune [-> verbose-clone -> finetune] -> a sample chat
+turn. Stages are called through the command table (stages never import each other), in this
+process, so the pipeline runs under torchrun exactly like each stage does. A rerun skips the stages
+that DIR/pipeline_state.json marks done and resumes the first unfinished one (record stages skip
+the ids already written; finetune continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch.distributed as dist
+
+from .. import cli, distributed, records, templates
+
+Method = Literal["tgrt", "self-instruct", "import"]
+STATE_FILE = "pipeline_state.json"
+STATE_VERSION = 1
+SAMPLE_QUESTION = "What are three things to know before riding a camel?"
+
+# Flags for the embedded tiny default model (no --ckpt_dir): small enough that the whole pipeline
+# runs in a few minutes on two CPU cores, large enough that every stage writes something. With a
+# real checkpoint the stages' own defaults apply, except --num_prompts (REAL_NUM_PROMPTS).
+TINY_NUM_PROMPTS = 32
+REAL_NUM_PROMPTS = 2000
+TINY_FLAGS: dict[str, dict[str, Any]] = {
+    # The tiny model rarely writes a usable question, so the 60 human-written seed questions come
+    # too, and the rounds are few.
+    "generate-prompts": {"include_seeds": True, "max_rounds": 2, "topic_rounds": 1, "max_batch_size": 4},
+    "self-align": {"max_new_tokens": 160, "max_batch_size": 16},
+    "finetune": {"max_steps": 24, "batch_size": 8, "micro_batch_size": 4, "source_max_len": 256,
+                 "target_max_len": 128, "learning_rate": 1e-3, "save_steps": 8},
+    "verbose-clone": {"max_new_tokens": 160, "max_batch_size": 16, "min_words": 3},
+    "chat": {"max_new_tokens": 48},
+}
+
+
+@dataclass
+class _Stage:
+    name: str  # the state key, and what the table shows
+    command: str  # the name in the command table
+    output: str  # relative to the work directory; a directory ends with "/"
+    flags: dict
+    count_in: Optional[str] = None  # the records file whose size is "records in"
+    rank0_only: bool = False  # no model and no collectives: one process does it
+    extra_outputs: list = field(default_factory=list)
+
+
+def pipeline(
+    workdir: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    method: Method = "tgrt",
+    num_prompts: Optional[int] = None,
+    sources: Optional[dict] = None,
+    verbose_clone: bool = False,
+    assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
+    sample_question: str = SAMPLE_QUESTION,
+    stage_flags: Optional[dict] = None,
+    model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    seed: int = 0,
+) -> None:
+    """Run the whole recipe into WORKDIR: prompts, self-align, curate, finetune (principle engraving),
+    optionally verbose-clone and a second finetune, and one sample chat turn; then print a table.
+
+    Outputs, under stable names: prompts.jsonl, self_align.jsonl, sft.jsonl, rejected.jsonl,
+    adapter/, and with --verbose_clone verbose.jsonl, verbose_rejected.jsonl and adapter_verbose/;
+    sample_chat.jsonl holds the sample turn, pipeline_state.json what is done. Rerunning the same
+    command skips finished stages and resumes an interrupted one. Under torchrun every stage runs
+    with the same model-parallel size (data parallelism takes the rest of the world).
+
+    Without --ckpt_dir the embedded tiny model runs with small settings so that everything finishes
+    in minutes on a laptop: 32 generated prompts plus the 60 human-written seed questions (tgrt),
+    24 finetune steps of 8 records, 160-token generations. With
+    --ckpt_dir the stages use their own defaults (one finetune epoch, 512-token generations) and
+    --num_prompts defaults to 2000, a pilot-sized run (the Dromedary paper used about 360k prompts).
+
+    Args:
+      workdir: the directory for every output (created if missing).
+      ckpt_dir: the base LLaMA checkpoint, Meta or HF layout. Default: the embedded tiny model, with tiny settings.
+      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      method: how prompts are made: tgrt (topic-guided red-teaming), self-instruct, or import (with --sources).
+      num_prompts: prompts to generate (import: a sample of this many; default all). Default: 32 on the embedded model, 2000 with --ckpt_dir.
+      sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.
+      verbose_clone: also run verbose cloning: the engraved model answers every sft record in detail, and a second adapter (adapter_verbose/) is trained on those answers, on the base model.
+      assistant_name: the assistant's public name (curate renames the self-align codename to it; finetune and chat use it).
+      sample_question: the question of the final sample chat turn.
+      stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, chat).
+      model_parallel_size: processes sharing one model copy in every stage. Default: the whole world.
+      dtype: fp32, bf16 or fp16 for the model-running stages (finetune refuses fp16). Default: bf16 on GPUs that support it, fp32 on CPU.
+      seed: passed to every stage.
+    """
+    stages, key = _plan(locals())
+    work = Path(workdir)
+    world = distributed.setup(model_parallel_size)  # the stages join this world
+    # Ranks wait here while rank 0 works alone (curate can take a while on a big run): a gloo group
+    # with a long timeout, so that NCCL's watchdog does not end the waiting ranks.
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if world.world_size > 1 else None
+
+    def load() -> dict:
+        work.mkdir(parents=True, exist_ok=True)
+        return _load_state(work, key)  # a different run in WORKDIR stops here, before any model work
+
+    state = _on_rank0(load, world, waiting)
+
+    rows = []
+    rerun_from = None
+    for number, stage in enumerate(stages, start=1):
+        done = state["stages"].get(stage.name)
+        if rerun_from is None and done and _exists(work / stage.output):
+            _say(world, f"pipeline [{number}/{len(stages)}] {stage.name}: done earlier, skipping ({stage.output})")
+            rows.append(_row(stage, work, done["seconds"], skipped=True))
+            continue
+        rerun_from = rerun_from or stage.name  # later stages must see this stage's new output
+        if stage.command == "chat" and world.dp_size > 1:
+            _say(world, f"pipeline [{number}/{len(stages)}] chat: skipped, it needs one model copy "
+                        f"(--model_parallel_size = world size); try `dromedary chat --adapter {work / stage.flags['adapter']}`")
+            continue
+        _say(world, f"pipeline [{number}/{len(stages)}] {stage.name} -> {work / stage.output}")
+        started = time.time()
+        _run(stage, work, world, waiting)
+        seconds = round(time.time() - started, 1)
+        distributed.barrier()
+        if world.is_main:
+            state["stages"][stage.name] = {"seconds": seconds, "finished": _now()}
+            for later in stages[number:]:
+                state["stages"].pop(later.name, None)
+            _write_state(work, state)
+        rows.append(_row(stage, work, seconds, skipped=False))
+        gc.collect()  # the stage's model goes before the next one loads
+        if rows[-1][2] == "0" and number < len(stages):
+            raise ValueError(f"{stage.name} wrote no records to {work / stage.output} (its messages above say why); "
+                             "the next stages have nothing to work on")
+    if world.is_main:
+        print(_table(rows, work), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which stages, with which flags
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan(o: dict) -> tuple[list[_Stage], dict]:
+    tiny = o["ckpt_dir"] is None
+    num_prompts = o["num_prompts"]
+    if num_prompts is None and o["method"] != "import":
+        num_prompts = TINY_NUM_PROMPTS if tiny else REAL_NUM_PROMPTS
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"--num_prompts must be at least 1, got {num_prompts}")
+    if (o["method"] == "import") != bool(o["sources"]):
+        raise ValueError("--sources goes with --method import (and --method import needs --sources)")
+    extra = _json_literals(o["stage_flags"] or {})
+    names = {"generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"}
+    if not isinstance(extra, dict) or set(extra) - names or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError(f"--stage_flags must be a JSON object {{stage: {{flag: value}}}} with stages among "
+                         f"{', '.join(sorted(names))}")
+    model = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"],
+             "model_parallel_size": o["model_parallel_size"], "dtype": o["dtype"], "seed": o["seed"]}
+    name = o["assistant_name"]
+
+    def flags(stage: str, command: str, base: dict) -> dict:
+        preset = TINY_FLAGS.get(command, {}) if tiny and not (command == "generate-prompts" and o["method"] == "import") else {}
+        return {**preset, **base, **extra.get(stage, {})}
+
+    prompts = {"method": o["method"], "output": "prompts.jsonl", "num_prompts": num_prompts, **model}
+    if o["sources"]:
+        prompts["sources"] = o["sources"]
+    stages = [
+        _Stage("generate-prompts", "generate-prompts", "prompts.jsonl", flags("generate-prompts", "generate-prompts", prompts)),
+        _Stage("self-align", "self-align", "self_align.jsonl",
+               flags("self-align", "self-align", {"input": "prompts.jsonl", "output": "self_align.jsonl", **model}),
+               count_in="prompts.jsonl"),
+        _Stage("curate", "curate", "sft.jsonl",
+               flags("curate", "curate", {"input": "self_align.jsonl", "output": "sft.jsonl",
+                                          "rejected": "rejected.jsonl", "assistant_name": name}),
+               count_in="self_align.jsonl", rank0_only=True, extra_outputs=["rejected.jsonl"]),
+        _Stage("finetune", "finetune", "adapter/",
+               flags("finetune", "finetune", {"input": "sft.jsonl", "output_dir": "adapter", "resume": True,
+                                              "assistant_name": name, **model}),
+               count_in="sft.jsonl"),
+    ]
+    final_adapter = "adapter"
+    if o["verbose_clone"]:
+        stages += [
+            _Stage("verbose-clone", "verbose-clone", "verbose.jsonl",
+                   flags("verbose-clone", "verbose-clone", {"input": "sft.jsonl", "output": "verbose.jsonl",
+                                                            "rejected": "verbose_rejected.jsonl", "adapter": "adapter",
+                                                            "assistant_name": name, **model}),
+                   count_in="sft.jsonl", extra_outputs=["verbose_rejected.jsonl"]),
+            # Verbose cloning trains a fresh adapter on the base model, as in the Dromedary recipe.
+            _Stage("finetune-verbose", "finetune", "adapter_verbose/",
+                   flags("finetune-verbose", "finetune", {"input": "verbose.jsonl", "output_dir": "adapter_verbose",
+                                                          "resume": True, "assistant_name": name, **model}),
+                   count_in="verbose.jsonl"),
+        ]
+        final_adapter = "adapter_verbose"
+    chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
+            **{k: v for k, v in model.items()}}
+    stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
+    for stage in stages:
+        stage.flags = {k: v for k, v in stage.flags.items() if v is not None}
+    # What must not change between the runs that share a work directory (--verbose_clone may be
+    # added later: it only appends stages).
+    key = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"], "method": o["method"],
+           "num_prompts": num_prompts, "sources": o["sources"], "assistant_name": name, "seed": o["seed"],
+           "stage_flags": extra}
+    return stages, key
+
+
+def _json_literals(value: Any) -> Any:
+    """Fire reads --stage_flags '{"x": true}' as Python, where true/false/null are bare words that
+    become strings: give them their JSON meaning."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--stage_flags is not valid JSON: {err.msg}") from None
+    if isinstance(value, dict):
+        return {k: _json_literals(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_literals(v) for v in value]
+    return {"true": True, "false": False, "null": None}.get(value, value) if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a stage
+# ---------------------------------------------------------------------------------------------
+
+
+_PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter")
+
+
+def _run(stage: _Stage, work: Path, world: distributed.World, waiting) -> None:
+    flags = {k: (str(work / v) if k in _PATH_FLAGS and isinstance(v, str) and not os.path.isabs(v) else v)
+             for k, v in stage.flags.items()}
+    command = cli.load(stage.command)
+    if stage.command == "chat":
+        _sample_chat(command, flags, work / stage.output, world)
+    elif stage.rank0_only:
+        _on_rank0(lambda: command(**flags), world, waiting)
+    else:
+        command(**flags)
+
+
+def _on_rank0(fn: Callable, world: distributed.World, group) -> Any:
+    """fn() on rank 0 only; its result, or its error, reaches every rank."""
+    result = error = None
+    if world.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    result, error = distributed.broadcast_object((result, error), src=0, group=group)
+    if error is not None:
+        raise error
+    return result
+
+
+def _sample_chat(command: Callable, flags: dict, output: Path, world: distributed.World) -> None:
+    """The sample turn streams to the terminal like `dromedary chat --prompt` and is kept as a
+    transcript (the /save format)."""
+    answer = io.StringIO()
+    if world.is_main:
+        print(f"\nUser: {flags['prompt']}\n{flags['assistant_name']}: ", end="", flush=True)
+    with contextlib.redirect_stdout(_Tee(sys.stdout, answer)) if world.is_main else contextlib.nullcontext():
+        command(**flags)
+    if world.is_main:
+        turns = [{"id": "0", "role": "user", "content": flags["prompt"]},
+                 {"id": "1", "role": "assistant", "content": answer.getvalue().strip()}]
+        records.write_jsonl_atomic(output, turns, overwrite=True)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# State and the summary table
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_state(work: Path, key: dict) -> dict:
+    path = work / STATE_FILE
+    if not path.exists():
+        state = {"version": STATE_VERSION, "options": key, "command": sys.argv, "stages": {}}
+        _write_state(work, state)
+        return state
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}); move it aside to start the pipeline afresh") from None
+    changed = [k for k in key if state.get("options", {}).get(k) != key[k]]
+    if changed:
+        was = ", ".join(f"--{k} {state['options'].get(k)!r}" for k in changed)
+        raise ValueError(f"{work} holds a pipeline run with other options ({was}): rerun with those, use another "
+                         f"--workdir, or delete {path} and the outputs to start afresh")
+    return state
+
+
+def _write_state(work: Path, state: dict) -> None:
+    # Atomic: a crash leaves the previous state, never half a file.
+    fd, tmp = tempfile.mkstemp(dir=work, prefix=f".{STATE_FILE}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, work / STATE_FILE)
+
+
+def _exists(path: Path) -> bool:
+    return any(path.iterdir()) if path.is_dir() else path.is_file()
+
+
+def _count(path: Path) -> Optional[int]:
+    return len(records.scan_done_ids(path)) if path.is_file() else None
+
+
+def _row(stage: _Stage, work: Path, seconds: float, skipped: bool) -> list[str]:
+    records_in = _fmt(_count(work / stage.count_in)) if stage.count_in else "-"
+    if stage.command == "chat":  # one question, one answer (if it was not empty)
+        turns = records.read_records(work / stage.output) if (work / stage.output).is_file() else []
+        records_in, records_out = "1", str(sum(1 for t in turns if t["role"] == "assistant" and t["content"]))
+    elif stage.output.endswith("/"):
+        records_out = "-"  # an adapter
+    else:
+        records_out = _fmt(_count(work / stage.output))
+    where = str(work / stage.output)
+    for extra in stage.extra_outputs:
+        n = _count(work / extra)
+        if n is not None:
+            where += f" (+{n} in {extra})"
+    time_text = f"{seconds:.1f}s" + (" (earlier)" if skipped else "")
+    return [stage.name, records_in, records_out, time_text, where]
+
+
+def _fmt(n: Optional[int]) -> str:
+    return "-" if n is None else str(n)
+
+
+def _table(rows: list[list[str]], work: Path) -> str:
+    header = ["stage", "records in", "records out", "time", "output"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["", f"pipeline finished in {work}"]
+    for r in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     + "  " + r[-1])
+    return "\n".join(lines)
+
+
+def _say(world: distributed.World, text: str) -> None:
+    if world.is_main:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
