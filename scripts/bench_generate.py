@@ -133,23 +133,21 @@ def run_ours(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[lis
     # min_new_tokens = max_new_tokens masks EOS at every step, as HF's min_new_tokens does.
     params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)
     engine._prefix = None  # time the shared prefix's prefill too: HF has no such cache
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     gens = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    return [g.tokens for g in gens], elapsed
+    return [g.tokens for g in gens], (time.perf_counter() - start, time.process_time() - cpu)
 
 
 def run_hf(model, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
     # Every workload's rows have one length, so no padding and an all-ones attention mask.
     ids = torch.tensor(prompts)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
             num_beams=1, eos_token_id=2, pad_token_id=0, use_cache=True,
         )
-    elapsed = time.perf_counter() - start
-    return out[:, ids.shape[1] :].tolist(), elapsed
+    return out[:, ids.shape[1] :].tolist(), (time.perf_counter() - start, time.process_time() - cpu)
 
 
 def leading_match(a: list[int], b: list[int]) -> int:
@@ -162,19 +160,21 @@ def leading_match(a: list[int], b: list[int]) -> int:
     return n
 
 
-def timed_pairs(fns: list, repeats: int) -> list[tuple[object, float]]:
-    """(result, median seconds) per function. Each is warmed up once (allocator, oneDNN kernels,
-    lazily built tables), then the functions run interleaved, so that load from other processes on
-    the machine falls on all of them alike."""
+def timed_pairs(fns: list, repeats: int) -> list[tuple[object, float, float]]:
+    """(result, median wall seconds, median CPU seconds) per function. Each is warmed up once
+    (allocator, oneDNN kernels, lazily built tables), then the functions run interleaved, so that
+    load from other processes on the machine falls on all of them alike."""
     for fn in fns:
         fn()
     results: list = [None] * len(fns)
-    times: list[list[float]] = [[] for _ in fns]
+    walls: list[list[float]] = [[] for _ in fns]
+    cpus: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            results[i], t = fn()
-            times[i].append(t)
-    return [(r, statistics.median(t)) for r, t in zip(results, times)]
+            results[i], (wall, cpu) = fn()
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+    return [(r, statistics.median(w), statistics.median(c)) for r, w, c in zip(results, walls, cpus)]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -232,8 +232,8 @@ def main() -> None:
         if bandwidth:
             print(f"memory copy bandwidth (read + written): {bandwidth / 1e9:.2f} GB/s")
         summary, mismatched = [], False
-        print(f"\n{'wl':3} {'shape':>28} {'ours s':>8} {'ours tok/s':>11} {'HF s':>8} {'HF tok/s':>9} "
-              f"{'ratio':>6}  match (leading tokens equal per row)")
+        print(f"\n{'wl':3} {'shape':>20} {'ours s':>7} {'ours tok/s':>10} {'HF s':>7} {'HF tok/s':>9} "
+              f"{'ratio':>6} {'cpu s ours/HF':>14} {'cpu ratio':>9}  match (leading tokens equal per row)")
         for name in names:
             w = table[name]
             prompts = make_prompts(w, args.vocab_size, opts.seed)
@@ -245,28 +245,30 @@ def main() -> None:
                 # The decode-only rate subtracts the prefill, timed as a one-token generation.
                 fns.append(lambda: run_ours(ours, prompts, 1))
             timed = timed_pairs(fns, opts.repeats)
-            (toks, t_ours) = timed[0]
+            (toks, t_ours, c_ours) = timed[0]
             ours_tps = total / t_ours
             shape = f"b{w.batch} " + (f"{w.shared}+{w.own}" if w.shared else f"{w.own}") + f" ->{w.new}"
             if hf is not None:
-                (hf_toks, t_hf) = timed[1]
+                (hf_toks, t_hf, c_hf) = timed[1]
                 hf_tps = total / t_hf
                 match = [leading_match(a, b) for a, b in zip(toks, hf_toks)]
                 identical = all(m == w.new for m in match)
                 mismatched |= not identical
                 rates = " ".join(f"{m / w.new:.2f}" for m in match)
-                print(f"{name:3} {shape:>28} {t_ours:8.2f} {ours_tps:11.1f} {t_hf:8.2f} {hf_tps:9.1f} "
-                      f"{ours_tps / hf_tps:6.2f}  {'identical' if identical else 'DIFFER'}: {rates}", flush=True)
+                print(f"{name:3} {shape:>20} {t_ours:7.2f} {ours_tps:10.1f} {t_hf:7.2f} {hf_tps:9.1f} "
+                      f"{ours_tps / hf_tps:6.2f} {c_ours:6.2f}/{c_hf:<7.2f} {c_hf / c_ours:9.2f}  "
+                      f"{'identical' if identical else 'DIFFER'}: {rates}", flush=True)
             else:
                 hf_tps = None
-                print(f"{name:3} {shape:>28} {t_ours:8.2f} {ours_tps:11.1f}", flush=True)
+                print(f"{name:3} {shape:>20} {t_ours:7.2f} {ours_tps:10.1f} {'':7} {'':9} {'':6} {c_ours:6.2f}",
+                      flush=True)
             line = f"{name}: ours {ours_tps:.1f} tok/s"
             if hf_tps:
                 line += f", HF {hf_tps:.1f} tok/s, ratio {ours_tps / hf_tps:.2f}"
             if w.what == "ratio":
                 line += f" (target >= {w.target:g}x)"
             else:
-                t_prefill = timed[-1][1]
+                t_prefill = timed[-1][1]  # wall: bandwidth is a wall-clock figure too
                 decode_tps = (w.new - 1) / max(t_ours - t_prefill, 1e-9)
                 moved = decode_tps * decode_weight_bytes(args, 2)
                 line += (f"; decode {decode_tps:.1f} tok/s x {decode_weight_bytes(args, 2) / 1e6:.0f} MB weights "
