@@ -1,0 +1,132 @@
+"""`dromedary pipeline` end to end on the embedded default model: every output, the summary table,
+skipping finished stages, resuming, and the plan's flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dromedary.stages.pipeline import STATE_FILE, TINY_NUM_PROMPTS, _json_literals, _plan, pipeline
+from helpers_ckpt import python_m, read_jsonl, run
+
+STAGES = ["generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"]
+RECORD_FILES = ["prompts.jsonl", "self_align.jsonl", "sft.jsonl", "verbose.jsonl", "sample_chat.jsonl"]
+ADAPTERS = ["adapter", "adapter_verbose"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One full run with verbose cloning; the tests below read it and rerun it."""
+    from dromedary.default_model import ensure_default_model
+
+    ensure_default_model()
+    work = tmp_path_factory.mktemp("pipeline") / "run"
+    first = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone"], timeout=600)
+    return work, first
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    lines = stdout[stdout.index("records in"):].splitlines()[1:]
+    return {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in STAGES}
+
+
+def test_every_output_is_written_and_the_table_printed(workdir):
+    work, first = workdir
+    for name in RECORD_FILES:
+        assert read_jsonl(work / name), f"{name} is empty"
+    for name in ADAPTERS:
+        assert (work / name / "adapter_model.safetensors").stat().st_size > 0
+        assert (work / name / "adapter_config.json").is_file()
+    answer = read_jsonl(work / "sample_chat.jsonl")
+    assert [t["role"] for t in answer] == ["user", "assistant"] and answer[1]["content"].strip()
+    assert answer[1]["content"] in first.stdout  # the sample turn streams to the terminal as well
+
+    rows = table_rows(first.stdout)
+    assert list(rows) == STAGES
+    prompts = len(read_jsonl(work / "prompts.jsonl"))
+    assert rows["self-align"][1:3] == [str(prompts), str(len(read_jsonl(work / "self_align.jsonl")))]
+    assert rows["curate"][2] == str(len(read_jsonl(work / "sft.jsonl")))
+    assert rows["chat"][1:3] == ["1", "1"]
+    assert all(row[-1].startswith(str(work)) or str(work) in " ".join(row) for row in rows.values())
+
+    state = json.loads((work / STATE_FILE).read_text())
+    assert list(state["stages"]) == STAGES and state["options"]["num_prompts"] == TINY_NUM_PROMPTS
+
+
+def test_rerun_skips_finished_stages(workdir):
+    work, _ = workdir
+    before = {name: (work / name).stat().st_mtime_ns for name in RECORD_FILES}
+    again = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone"])
+    assert again.stderr.count("done earlier, skipping") == len(STAGES)
+    assert "earlier" in " ".join(table_rows(again.stdout)["self-align"])
+    assert {name: (work / name).stat().st_mtime_ns for name in RECORD_FILES} == before
+
+
+def test_rerun_resumes_an_unfinished_stage_and_redoes_what_follows(workdir):
+    work, _ = workdir
+    state = json.loads((work / STATE_FILE).read_text())
+    del state["stages"]["finetune-verbose"]  # as if the run had died during the second finetune
+    (work / STATE_FILE).write_text(json.dumps(state))
+    (work / "sample_chat.jsonl").unlink()
+    again = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone"])
+    assert again.stderr.count("done earlier, skipping") == 5
+    assert "already trained" in again.stderr  # finetune resumed from its checkpoint: nothing left to do
+    assert read_jsonl(work / "sample_chat.jsonl")[1]["content"].strip()
+    assert list(json.loads((work / STATE_FILE).read_text())["stages"]) == STAGES
+
+
+def test_a_workdir_refuses_other_options(workdir):
+    work, _ = workdir
+    other = run([*python_m(), "pipeline", "--workdir", work, "--num_prompts", 5], check=False)
+    assert other.returncode == 2 and "--num_prompts 32" in other.stderr and "another --workdir" in other.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan, without running anything
+# ---------------------------------------------------------------------------------------------
+
+
+def options(**changes):
+    o = dict(workdir="w", ckpt_dir=None, tokenizer_path=None, method="tgrt", num_prompts=None, sources=None,
+             verbose_clone=False, assistant_name="Dromedary", sample_question="Hi?", stage_flags=None,
+             model_parallel_size=None, dtype=None, seed=0)
+    return {**o, **changes}
+
+
+def test_tiny_settings_only_without_a_checkpoint():
+    tiny, key = _plan(options())
+    assert [s.name for s in tiny] == ["generate-prompts", "self-align", "curate", "finetune", "chat"]
+    assert key["num_prompts"] == TINY_NUM_PROMPTS and tiny[3].flags["max_steps"] and tiny[3].flags["resume"]
+    real, key = _plan(options(ckpt_dir="/models/llama-2-7b", verbose_clone=True,
+                              stage_flags={"finetune": {"num_epochs": 2}}))
+    assert key["num_prompts"] > TINY_NUM_PROMPTS
+    by_name = {s.name: s.flags for s in real}
+    assert "max_steps" not in by_name["finetune"] and by_name["finetune"]["num_epochs"] == 2
+    assert "num_epochs" not in by_name["finetune-verbose"]  # stage flags go to the named stage only
+    assert by_name["verbose-clone"]["adapter"] == "adapter" and by_name["chat"]["adapter"] == "adapter_verbose"
+    assert all(f.get("ckpt_dir") == "/models/llama-2-7b" for n, f in by_name.items() if n != "curate")
+
+
+def test_bad_flags_are_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="--sources"):
+        _plan(options(method="import"))
+    with pytest.raises(ValueError, match="stage_flags"):
+        _plan(options(stage_flags={"self_align": {"max_new_tokens": 8}}))
+    with pytest.raises(ValueError, match="num_prompts"):
+        pipeline(str(tmp_path / "w"), num_prompts=0)
+    assert not (tmp_path / "w").exists()
+
+
+def test_stage_flags_read_as_json():
+    # Fire hands over '{"a": true}' with true as the string "true".
+    assert _json_literals({"finetune": {"gradient_checkpointing": "true", "x": "null", "n": 2}}) == {
+        "finetune": {"gradient_checkpointing": True, "x": None, "n": 2}}
+    assert _json_literals('{"chat": {"temperature": 0}}') == {"chat": {"temperature": 0}}
+
+
+def test_scripts_are_valid_bash():
+    root = Path(__file__).resolve().parents[1] / "scripts"
+    for name in ("run_single_gpu.sh", "run_torchrun_8gpu.sh", "slurm_self_align.sbatch"):
+        run(["bash", "-n", root / name])
