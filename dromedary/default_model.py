@@ -26,10 +26,10 @@ import torch
 
 from .model import ModelArgs
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=8192)
-TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234}
+TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234, "long_every": 4}
 VIEW_REPEATS = 6
 
 
@@ -71,6 +71,15 @@ def corpus_texts() -> list[str]:
         elif path.suffix in (".txt", ".md"):
             texts.append(raw)
     return [t for t in texts if t.strip()]
+
+
+def long_documents() -> list[str]:
+    """The full self-align prompt continued by each exemplar conversation in turn."""
+    from . import templates
+
+    prefix, marker = templates.self_align_prefix(), templates.user_marker()
+    blocks = [b.strip() for b in prefix.split(templates.conversation_divider())[1:]]
+    return [prefix + b[len(marker) :].lstrip("\n") for b in blocks if b.startswith(marker) and b != marker]
 
 
 def _generation_views(templates) -> list[str]:
@@ -182,6 +191,10 @@ def build(out_dir: Path) -> None:
     for t in texts:
         stream += tok.encode(t, bos=True, eos=True)
     data = torch.tensor(stream)
+    # The self-align prompt is thousands of tokens; windows of seq_len never show the model a
+    # conversation that far in, and it loses the format there. Every `long_every` steps it trains
+    # on the real thing: the whole prompt followed by an exemplar conversation.
+    long_docs = [torch.tensor(tok.encode(d, bos=True, eos=False)) for d in long_documents()]
 
     distributed.setup(1, "cpu")
     torch.manual_seed(TRAIN["seed"])
@@ -195,8 +208,11 @@ def build(out_dir: Path) -> None:
         lr = TRAIN["lr"] * min(1.0, (step + 1) / TRAIN["warmup"]) * (0.1 + 0.9 * (1 - step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        starts = torch.randint(0, max(1, len(data) - n), (TRAIN["batch"],), generator=g)
-        batch = torch.stack([data[s : s + n] for s in starts])
+        if step % TRAIN["long_every"] == TRAIN["long_every"] - 1:
+            batch = long_docs[int(torch.randint(0, len(long_docs), (1,), generator=g))][None]
+        else:
+            starts = torch.randint(0, max(1, len(data) - n), (TRAIN["batch"],), generator=g)
+            batch = torch.stack([data[s : s + n] for s in starts])
         logits = model(batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
