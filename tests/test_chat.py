@@ -129,10 +129,28 @@ def test_answers_stream_and_ctrl_c_stops_one(default_model, tmp_path):
 def test_torchrun_two_ranks(default_model):
     port = free_port()
     cmd = [*torchrun(), "--nproc_per_node", "2", "--master_port", str(port), "-m", "dromedary"]
-    child = spawn("--temperature", 0, "--max_new_tokens", 12, cmd=cmd, timeout=180)
+    child = spawn("--temperature", 0, "--max_new_tokens", 400, cmd=cmd, timeout=180)
     assert child.before.count("dromedary chat:") == 1  # rank 1 prints nothing
-    out = say(child, "What is a camel?")
+    # Ctrl-C at the prompt clears the line: it must not reach torchrun, which would stop both ranks.
+    child.send("half a line")
+    child.expect("half a line")
+    time.sleep(0.3)
+    child.sendcontrol("c")
+    child.sendline("What is a camel?")
+    child.expect(PROMPT)
+    out = child.before
     assert out.count("Dromedary: ") == 1 and out.split("Dromedary: ")[1].strip()
+    assert "half a line" not in out
+    # Ctrl-C during an answer stops it on both ranks at the same token; the session goes on.
+    child.sendline(ENDLESS)
+    child.expect("Dromedary: ")
+    child.expect(r"\S{3}")
+    child.sendcontrol("c")
+    child.expect(r"\[stopped\]")
+    child.expect(PROMPT)
+    say(child, "/reset")
+    out = say(child, "What is a camel?")
+    assert out.count("Dromedary: ") == 1
     child.sendline("/exit")
     assert finish(child) == 0  # torchrun exits 0 only when both ranks did
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dromedary.stages.pipeline import STATE_FILE, TINY_NUM_PROMPTS, _json_literals, _plan, pipeline
-from helpers_ckpt import python_m, read_jsonl, run
+from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun
 
 STAGES = ["generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"]
 RECORD_FILES = ["prompts.jsonl", "self_align.jsonl", "sft.jsonl", "verbose.jsonl", "sample_chat.jsonl"]
@@ -81,6 +81,19 @@ def test_a_workdir_refuses_other_options(workdir):
     work, _ = workdir
     other = run([*python_m(), "pipeline", "--workdir", work, "--num_prompts", 5], check=False)
     assert other.returncode == 2 and "--num_prompts 32" in other.stderr and "another --workdir" in other.stderr
+
+
+def test_under_torchrun_with_model_parallelism(workdir, tmp_path):
+    """Every stage in the same two processes (MP 2); the chat turn runs on both, rank 0 prints."""
+    work = tmp_path / "mp2"
+    out = run([*torchrun(), "--nproc_per_node", 2, "--master_port", free_port(), "-m", "dromedary", "pipeline",
+               "--workdir", work], timeout=600)
+    for name in ["prompts.jsonl", "self_align.jsonl", "sft.jsonl", "sample_chat.jsonl"]:
+        assert read_jsonl(work / name), f"{name} is empty"
+    assert (work / "adapter" / "adapter_model.safetensors").is_file()
+    assert out.stdout.count("records in") == 1 and list(table_rows(out.stdout)) == [s for s in STAGES if "verbose" not in s]
+    # The same prompts as one process: the stages do not depend on the world size.
+    assert read_jsonl(work / "prompts.jsonl") == read_jsonl(workdir[0] / "prompts.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
