@@ -158,15 +158,30 @@ def _without_fairscale_init():
 # A bf16 projection on the CPU re-lays its weight into oneDNN's blocked (AMX/VNNI) layout on every
 # call; decoding a few rows per step is bound by reading weights, so that copy costs about a third
 # of each step. Packing once keeps a blocked copy beside each weight (the plain weight stays what
-# training, saving and LoRA use) and gives bit-identical outputs.
+# training, saving and LoRA use). wq|wk|wv and w1|w3 are packed as one matrix each: fewer, larger
+# matmuls per step. Only passes of at most PACKED_MAX_ROWS token rows use the packs: those are the
+# weight-bound ones, and there the results are bit-identical to the plain layers (oneDNN blocks
+# larger products differently).
+
+PACKED_MAX_ROWS = 256
 
 
 @dataclass
 class _Packed:
-    weight: torch.Tensor  # opaque oneDNN tensor, (out, in) logically
-    source: torch.Tensor  # the parameter it was packed from
-    version: int  # source._version when packed: an in-place update makes the pack stale
+    weight: torch.Tensor  # opaque oneDNN tensor: the layers' (out, in) weights stacked by rows
+    layers: tuple[nn.Module, ...]  # the fairscale projections it was packed from, in order
+    versions: tuple[int, ...]  # their weights' _version when packed: an in-place update makes it stale
+    sources: tuple[torch.Tensor, ...]  # their weights when packed: a reassigned weight makes it stale
     combine: Optional[Callable[[torch.Tensor], torch.Tensor]]  # fairscale's all-reduce / gather (MP > 1)
+
+    def usable(self, layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+        return (not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+                and all(a is b and a.weight is w and w._version == v
+                        for a, b, w, v in zip(layers, self.layers, self.sources, self.versions)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return out if self.combine is None else self.combine(out)
 
 
 def can_prepack(model: "Transformer") -> bool:
@@ -176,51 +191,53 @@ def can_prepack(model: "Transformer") -> bool:
 
 
 def prepack_weights(model: "Transformer", batch_hint: int = 8) -> int:
-    """Pack the model's projection weights for CPU bf16 inference; returns the bytes it adds.
+    """Pack the model's projection weights for CPU bf16 decoding; returns the bytes it adds.
 
     Only plain fairscale projections are packed (a LoRA-wrapped one runs as it is). Packs are used
-    outside autograd only, and only while their weight is the same unmodified tensor.
+    outside autograd only, and only while their layers and weights are the same, unmodified.
     """
     if not can_prepack(model):
         return 0
-    added = 0
     parallel = fs_init.get_model_parallel_world_size() > 1
-    for layer in _projections(model):
-        if type(layer) in (ColumnParallelLinear, RowParallelLinear) and layer.bias is None:
-            # What fairscale's forward adds around its matmul; identities, so skipped, at MP size 1.
-            combine = None
-            if parallel and isinstance(layer, RowParallelLinear):
-                combine = fs_mappings.reduce_from_model_parallel_region
-            elif parallel and layer.gather_output:
-                combine = fs_mappings.gather_from_model_parallel_region
-            w = layer.weight
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-            layer._packed = _Packed(packed, w, w._version, combine)
-            added += w.numel() * w.element_size()
+
+    def pack(*layers: nn.Module) -> Optional[_Packed]:
+        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) or m.bias is not None for m in layers):
+            return None
+        # What fairscale's forward adds around its matmul; identities, so skipped, at MP size 1.
+        combine = None
+        if parallel and isinstance(layers[0], RowParallelLinear):
+            combine = fs_mappings.reduce_from_model_parallel_region
+        elif parallel and layers[0].gather_output:
+            combine = fs_mappings.gather_from_model_parallel_region
+        weights = tuple(m.weight for m in layers)
+        stacked = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+        blocked = torch.ops.mkldnn._reorder_linear_weight(stacked, batch_hint)
+        return _Packed(blocked, layers, tuple(w._version for w in weights), weights, combine)
+
+    drop_packed_weights(model)
+    packs = {model.output: pack(model.output)}
+    for block in model.layers:
+        a, f = block.attention, block.feed_forward
+        packs.update({a: pack(a.wq, a.wk, a.wv), a.wo: pack(a.wo), f: pack(f.w1, f.w3), f.w2: pack(f.w2)})
+    added = 0
+    for owner, packed in packs.items():
+        if packed is not None:
+            owner._packed = packed
+            added += sum(w.numel() * w.element_size() for w in packed.sources)
     return added
 
 
 def drop_packed_weights(model: "Transformer") -> None:
-    for layer in _projections(model):
-        layer.__dict__.pop("_packed", None)
-
-
-def _projections(model: "Transformer") -> list[nn.Module]:
-    out = [model.output]
-    for block in model.layers:
-        a, f = block.attention, block.feed_forward
-        out += [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3]
-    return out
+    for module in model.modules():
+        module.__dict__.pop("_packed", None)
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, through the layer's packed weight when it has a valid one."""
+    """`layer(x)`, through the layer's packed weight when it has a usable one."""
     packed: Optional[_Packed] = layer.__dict__.get("_packed")
-    if (packed is None or torch.is_grad_enabled() or packed.source is not layer.weight
-            or packed.version != layer.weight._version):
-        return layer(x)
-    out = torch.ops.mkldnn._linear_pointwise(x, packed.weight, None, "none", [], "")
-    return out if packed.combine is None else packed.combine(out)
+    if packed is not None and packed.usable((layer,), x):
+        return packed(x)
+    return layer(x)
 
 
 class Attention(nn.Module):
@@ -238,10 +255,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, step: Optional["Step"]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = project(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = project(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = project(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        packed: Optional[_Packed] = self.__dict__.get("_packed")
+        if packed is not None and packed.usable((self.wq, self.wk, self.wv), x):
+            # One matmul for wq|wk|wv, (B, T, H + 2 kvh, D), and one rotation for q|k.
+            qkv = packed(x).view(bsz, seqlen, -1, self.head_dim)
+            n_qk = self.n_local_heads + self.n_local_kv_heads
+            q, k = apply_rope(qkv[:, :, :n_qk], rope).split((self.n_local_heads, self.n_local_kv_heads), dim=2)
+            v = qkv[:, :, n_qk:]
+        else:
+            q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+            k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = q.transpose(1, 2)  # (B, H, T, D)
 
         if step is None or step.prefix_only:
@@ -258,14 +283,14 @@ class Attention(nn.Module):
 
     def _cached_attention(self, q, k, v, step: "Step") -> torch.Tensor:
         cache, layer, bsz = step.cache, step.layer, q.shape[0]
-        # Each row writes its new keys at its own slots (rows have different lengths). A slice
-        # between the two index tensors puts the indexed dims first: the target is (B, T, kvh, D),
-        # which is k's own layout.
         if step.start is not None:
             # Every row writes the same slots (equal lengths): a plain strided copy.
             cache.k[layer][:bsz, :, step.start : step.start + k.shape[1]] = k.transpose(1, 2)
             cache.v[layer][:bsz, :, step.start : step.start + v.shape[1]] = v.transpose(1, 2)
         else:
+            # Each row writes its new keys at its own slots (rows have different lengths). A slice
+            # between the two index tensors puts the indexed dims first: the target is
+            # (B, T, kvh, D), which is k's own layout.
             cache.k[layer][step.rows, :, step.slots] = k
             cache.v[layer][step.rows, :, step.slots] = v
         keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
@@ -334,7 +359,12 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.w2, F.silu(project(self.w1, x)) * project(self.w3, x))
+        packed: Optional[_Packed] = self.__dict__.get("_packed")
+        if packed is not None and packed.usable((self.w1, self.w3), x):
+            gate, up = packed(x).chunk(2, dim=-1)  # one matmul for w1|w3
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return project(self.w2, F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
