@@ -446,8 +446,9 @@ class Transformer(nn.Module):
             return Step(cache, rows=None, slots=None, span=0, mask=None, prefix_only=True)
         slots = positions - cache.prefix_len  # (B, T)
         lo, hi = slots.aminmax()
-        span, start = int(hi) + 1, int(lo)
-        uniform = bool((slots == start + torch.arange(seqlen, device=device)).all())
+        uniform = (slots == lo + torch.arange(seqlen, device=device)).all()
+        start, last, uniform = torch.stack((lo, hi, uniform.long())).tolist()  # one device sync
+        span = last + 1
         rows = torch.arange(bsz, device=device)[:, None]
         if uniform and seqlen == 1:
             # One new token per row, all at the last slot: every slot read is visible.
