@@ -9,7 +9,14 @@ Meta layout (loaded by `builder.build`, as every stage loads a model) and once i
 by `LlamaForCausalLM`), both bf16 on the CPU. A 32000-piece SentencePiece word model stands in for
 LLaMA's tokenizer so that every id the model can emit is a real token on both sides. Both sides
 run greedy, produce exactly N new tokens (EOS is masked for all N steps on both), use the same
-thread count, and are warmed up before timing; the reported figure is the median of --repeats.
+thread count, and are warmed up before timing; the runs of both sides are interleaved and the
+reported figure is the median of --repeats. Wall-clock and process CPU time are both shown: on a
+machine shared with other jobs, CPU time (with --threads 1) is the steadier comparison, and more
+than one thread per busy core makes OpenMP spin against the other jobs on both sides alike.
+
+Tokens: bf16 rounding makes near-ties of these random-weight logits resolve differently in the two
+implementations, so rows can part ways; "match" is the share of each row's tokens before the first
+difference. --fp32-check reruns a shorter W1 in fp32 on both sides, where the tokens must agree.
 
 Workloads:
   W1  the self-align shape: batch 8, a 1024-token prefix shared by every row + 32 own tokens,
@@ -18,8 +25,10 @@ Workloads:
   W3  batch 1 decode (128-token prompt, 128 new tokens): decode tokens/s x weight bytes as a
       fraction of the measured memory copy bandwidth. Target: >= 60%.
 
-Bandwidth definition: a large (1 GiB) tensor `copy_` into a preallocated buffer, counting the
-bytes read plus the bytes written, per second (median of several copies). The decode figure counts
+Bandwidth definition: a large (1 GiB) fp32 tensor `copy_` into a preallocated buffer, counting
+the bytes read plus the bytes written, per second (median of copies timed between the W3 runs, so
+under the same load, at the same thread count). Decode tokens/s is (N - 1) / (time of the N-token
+run - time of a 1-token run), i.e. without the prefill. The decode figure counts
 every weight matrix read once per token (all layers + the output projection; the embedding reads
 one row and is left out) and nothing else, so it is a lower bound on the bytes a step moves.
 """
