@@ -163,7 +163,13 @@ class Engine:
         results: list[Optional[Generation]] = [None] * bsz
         active = list(range(bsz))  # original row index of each live batch slot
         max_stop = max((len(s) for s in params.stop), default=0)
+        shown = [0] * bsz  # characters of each row's text already passed to on_text
         next_pos = lens.clone()  # cache slot of each live row's next token
+
+        def show(row: int, upto: int) -> None:
+            if on_text is not None and upto > shown[row]:
+                on_text(row, streams[row].text[shown[row] : upto])
+            shown[row] = max(shown[row], upto)
 
         for step in range(budget):
             chosen = self._sample(logits, [out_tokens[r] for r in active], [gens[r] for r in active], params, step)
@@ -172,28 +178,27 @@ class Engine:
             for slot, row in enumerate(active):
                 token = int(chosen[slot])
                 reason: Optional[FinishReason] = None
+                stream = streams[row]
                 if token == self.tok.eos_id:
                     reason = "eos"
                 else:
                     out_tokens[row].append(token)
-                    delta = streams[row].feed(token)
-                    text = streams[row].text
-                    if params.stop and delta:
-                        cut = _find_stop(text, params.stop, len(text) - len(delta) - max_stop)
-                        if cut is not None:
-                            delta = delta[: max(0, cut - (len(text) - len(delta)))]
-                            streams[row].emitted = text[:cut]
-                            reason = "stop"
-                    if delta and on_text is not None:
-                        on_text(row, delta)
-                    if reason is None and step + 1 == budget:
+                    delta = stream.feed(token)
+                    cut = _find_stop(stream.text, params.stop, len(stream.text) - len(delta) - max_stop) if delta else None
+                    if cut is not None:
+                        stream.emitted = stream.text[:cut]
+                        reason = "stop"
+                    elif step + 1 == budget:
                         reason = "length"
+                    else:
+                        # Hold back a tail that may still grow into a stop string, so what is
+                        # streamed is always a prefix of the final text.
+                        show(row, len(stream.text) - _stop_prefix_len(stream.text, params.stop))
                 if reason is not None:
                     if reason != "stop":
-                        tail = streams[row].flush()
-                        if tail and on_text is not None:
-                            on_text(row, tail)
-                    results[row] = Generation(streams[row].text, out_tokens[row], reason, prompt_lens[row])
+                        stream.flush()
+                    show(row, len(stream.text))
+                    results[row] = Generation(stream.text, out_tokens[row], reason, prompt_lens[row])
                     finished.append(slot)
             if finished:
                 keep = [s for s in range(len(active)) if s not in finished]
@@ -270,6 +275,17 @@ def _available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not POSIX: do not guess
         return 0
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
