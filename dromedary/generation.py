@@ -133,8 +133,10 @@ class Engine:
         cached = self._prefix
         if cached is not None:
             n = len(cached.tokens)
-            if n <= limit and all(tuple(r[:n]) == cached.tokens for r in ids) and common - n < 64:
-                return cached
+            if n <= limit and all(tuple(r[:n]) == cached.tokens for r in ids):
+                # A conversation that grew by a turn extends the cached prefix instead of
+                # recomputing it; a short growth stays in the rows.
+                return cached if common - n < 64 else self._extend_prefix(cached, first[n:common])
         if common < MIN_PREFIX_TOKENS:
             return None
         cache = KVCache(k=[], v=[])
@@ -142,6 +144,20 @@ class Engine:
         # Only the keys and values are wanted: one output row keeps the (P, vocab) logits uncomputed.
         self.model(tokens, cache=cache, prefix_only=True, output_index=torch.tensor([common - 1], device=self.device))
         self._prefix = _Prefix(tuple(first[:common]), cache)
+        return self._prefix
+
+    def _extend_prefix(self, cached: _Prefix, new: list[int]) -> _Prefix:
+        """Run `new` as one row attending to the cached prefix and append its keys and values."""
+        n = len(cached.tokens)
+        rows = KVCache.allocate(self.model, 1, len(new), device=self.device, dtype=self.dtype)
+        rows.prefix_k, rows.prefix_v = cached.cache.prefix_k, cached.cache.prefix_v
+        positions = n + torch.arange(len(new), device=self.device)[None]
+        self.model(torch.tensor([new], device=self.device), positions, rows,
+                   output_index=torch.tensor([len(new) - 1], device=self.device))
+        # (1, kvh, P, D) + (1, kvh, T, D) along the slots.
+        cache = KVCache(k=[], v=[], prefix_k=[torch.cat(kv, dim=2) for kv in zip(cached.cache.prefix_k, rows.k)],
+                        prefix_v=[torch.cat(kv, dim=2) for kv in zip(cached.cache.prefix_v, rows.v)])
+        self._prefix = _Prefix(cached.tokens + tuple(new), cache)
         return self._prefix
 
     def _decode(self, suffixes, p_len, prefix, params, budget, seeds, on_text, prompt_lens) -> list[Generation]:

@@ -85,6 +85,27 @@ def test_prompt_one_token_longer_than_the_cached_prefix(engine, uncached, tokeni
     assert run(engine, [ids], GREEDY) == run(uncached, [ids], GREEDY)
 
 
+def test_a_growing_conversation_extends_the_cached_prefix(engine, uncached, tokenizer, monkeypatch):
+    """Chat: each turn's prompt extends the previous one; the cached prefix grows by the new
+    shared tokens instead of being recomputed, and generations stay those of an uncached run."""
+    fills = []
+    real = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **k: fills.append(k.get("prefix_only")) or real(*a, **k))
+    turn = BATCH_A[0]
+    engine.generate([turn, turn + " more"], GREEDY)  # rows share `turn`: it becomes the prefix
+    before = engine._prefix
+    grown = turn
+    while len(tokenizer.encode(grown)) < len(before.tokens) + 70:
+        grown += " The camel walks across the desert sand to the river city."
+    prompts = [grown + " Tea", grown + " Bread and coffee"]
+    got = run(engine, prompts, GREEDY)
+    after = engine._prefix
+    assert after is not before and after.tokens[: len(before.tokens)] == before.tokens
+    assert len(after.tokens) >= len(before.tokens) + 64
+    assert fills.count(True) == 1  # the prefix was filled once, then only extended
+    assert got == run(uncached, prompts, GREEDY)
+
+
 # ------------------------------------------------------------------------------------- stops
 
 def stop_candidates(text: str) -> list[tuple[int, str]]:
