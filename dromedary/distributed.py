@@ -160,6 +160,13 @@ def mp_group():
     return fs_init.get_model_parallel_group()
 
 
+def dp_group():
+    """The ranks that hold the same model shard in different data-parallel groups."""
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return fs_init.get_data_parallel_group()
+
+
 def mp_src_rank() -> int:
     from fairscale.nn.model_parallel import initialize as fs_init
 

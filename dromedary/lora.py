@@ -214,11 +214,9 @@ def all_reduce_grads(params: Sequence[nn.Parameter], world: distributed.World) -
     """Sum LoRA gradients over this rank's data-parallel group (one flat all-reduce)."""
     if world.dp_size == 1:
         return
-    from fairscale.nn.model_parallel import initialize as fs_init
-
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=fs_init.get_data_parallel_group())
+    dist.all_reduce(flat, group=distributed.dp_group())
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import records, templates
+from . import distributed, records, templates
 
 IGNORE = -100  # label of the tokens that carry no loss: the source and the padding
 Example = tuple[list[int], int]  # (token ids, number of source tokens)
@@ -144,8 +144,6 @@ def evaluate(model, data: list[Example], micro_batch_size: int, world, autocast=
 def dp_sum(t: torch.Tensor, world) -> torch.Tensor:
     """Sum a small CPU tensor over this rank's data-parallel group."""
     if world.dp_size > 1:
-        from fairscale.nn.model_parallel import initialize as fs_init
-
         t = t.to(world.device)
-        dist.all_reduce(t, group=fs_init.get_data_parallel_group())
+        dist.all_reduce(t, group=distributed.dp_group())
     return t.cpu()
