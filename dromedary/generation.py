@@ -123,6 +123,23 @@ class Engine:
         budget = min(params.max_new_tokens, self.max_seq_len - longest)
         return self._decode(suffixes, p_len, prefix, params, budget, seeds, on_text, [len(r) for r in ids])
 
+    @torch.inference_mode()
+    def cache_prefix(self, prefix: str | Sequence[int]) -> None:
+        """Compute and keep the keys and values of exactly `prefix` (e.g. the self-align prompt's
+        principles and exemplars) before the first batch. Left to the batches, the cached prefix
+        could run into the first words a batch's records happen to share, and a later batch that
+        does not share them would recompute it."""
+        ids = self.tok.encode(prefix) if isinstance(prefix, str) else list(prefix)
+        if len(ids) < MIN_PREFIX_TOKENS:
+            return
+        cached = self._prefix
+        if cached is not None and cached.tokens == tuple(ids):
+            return
+        cache = KVCache(k=[], v=[])
+        self.model(torch.tensor([ids], device=self.device), cache=cache, prefix_only=True,
+                   output_index=torch.tensor([len(ids) - 1], device=self.device))
+        self._prefix = _Prefix(tuple(ids), cache)
+
     def _shared_prefix(self, ids: list[list[int]]) -> Optional[_Prefix]:
         # Every row must keep at least one token of its own, whose logits start the generation.
         limit = min(len(r) for r in ids) - 1
@@ -139,11 +156,8 @@ class Engine:
                 return cached if common - n < 64 else self._extend_prefix(cached, first[n:common])
         if common < MIN_PREFIX_TOKENS:
             return None
-        cache = KVCache(k=[], v=[])
-        tokens = torch.tensor([first[:common]], device=self.device)
-        # Only the keys and values are wanted: one output row keeps the (P, vocab) logits uncomputed.
-        self.model(tokens, cache=cache, prefix_only=True, output_index=torch.tensor([common - 1], device=self.device))
-        self._prefix = _Prefix(tuple(first[:common]), cache)
+        self._prefix = None
+        self.cache_prefix(first[:common])
         return self._prefix
 
     def _extend_prefix(self, cached: _Prefix, new: list[int]) -> _Prefix:

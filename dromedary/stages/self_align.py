@@ -95,25 +95,15 @@ def self_align(
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="self-align") as job:
         if job.todo:
-            prime_prefix_cache(engine, prefix)
+            # Exactly the shared prefix, so every batch in every data-parallel group attends the
+            # same cached block whatever words its records happen to share.
+            engine.cache_prefix(prefix)
         for batch in job.batches(max_batch_size):
             prompts = [prefix + templates.self_align_suffix(r["instruction"], r["input"], name) for r in batch]
             gens = engine.generate(prompts, params, seeds=[row_seed(seed, r["id"]) for r in batch])
             for record, gen in zip(batch, gens):
                 job.write({**record, "generation": gen.text, "prompt_version": version, "model": loaded.name})
             job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
-
-
-def prime_prefix_cache(engine: Engine, prefix: str) -> None:
-    """Compute the keys and values of exactly the shared prefix before the first record.
-
-    The engine caches the longest prefix the rows of a call share, and keeps it while later calls
-    start with it. Left to the first batch, that prefix could run into the first words its
-    records happen to share ("What is"), and a later batch that does not share them would compute
-    a new one. Two one-token continuations that differ share exactly the prefix: every batch
-    then attends the same block, in every data-parallel group, whatever its size.
-    """
-    engine.generate([prefix + "A", prefix + "B"], SamplingParams(max_new_tokens=1))
 
 
 def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff: str,
