@@ -16,7 +16,8 @@ from typing import Callable, Literal, Mapping, Optional, Sequence
 import torch
 
 from . import distributed
-from .model import KVCache, Transformer, can_prepack, prepack_weights
+from .lean import LeanDecoder
+from .model import KVCache, Transformer, can_prepack, drop_packed_weights, prepack_weights
 from .tokenizer import StreamDecoder, Tokenizer
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -90,8 +91,12 @@ class Engine:
         self.n_words = min(tokenizer.n_words, model.args.vocab_size)
         if prepack is None:
             prepack = not model.training and can_prepack(model) and 2 * _weight_bytes(model) < _available_memory()
+        self._lean: Optional[LeanDecoder] = None
         if prepack:
             prepack_weights(model)
+            self._lean = LeanDecoder.build(model)
+        else:
+            drop_packed_weights(model)
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -181,11 +186,10 @@ class Engine:
         tokens = torch.zeros(bsz, width, dtype=torch.long, device=self.device)
         for i, s in enumerate(suffixes):
             tokens[i, : len(s)] = torch.tensor(s, device=self.device)
-        cache = KVCache.allocate(self.model, bsz, width + budget, device=self.device, dtype=self.dtype)
-        if prefix is not None:
-            cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+        cache, first_slot = self._rows_cache(prefix, bsz, width + budget)
         positions = p_len + torch.arange(width, device=self.device)[None].expand(bsz, width)
         logits = self.model(tokens, positions, cache, output_index=lens - 1)[:, 0]
+        lean = self._lean if self._lean is not None and self._lean.usable() else None
 
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         out_tokens: list[list[int]] = [[] for _ in range(bsz)]
@@ -194,7 +198,7 @@ class Engine:
         active = list(range(bsz))  # original row index of each live batch slot
         max_stop = max((len(s) for s in params.stop), default=0)
         shown = [0] * bsz  # characters of each row's text already passed to on_text
-        next_pos = lens.clone()  # cache slot of each live row's next token
+        next_pos = lens + first_slot  # cache slot of each live row's next token
 
         def show(row: int, upto: int) -> None:
             if on_text is not None and upto > shown[row]:
@@ -240,10 +244,29 @@ class Engine:
                 # Finished rows leave the batch: later steps cost nothing for them.
                 cache.k = [t.index_select(0, keep_t) for t in cache.k]
                 cache.v = [t.index_select(0, keep_t) for t in cache.v]
-            positions = (p_len + next_pos)[:, None]
-            logits = self.model(chosen[:, None], positions, cache)[:, -1]
+            if lean is not None:
+                logits = lean.step(chosen, next_pos.tolist(), cache)
+            else:
+                logits = self.model(chosen[:, None], (cache.prefix_len + next_pos)[:, None], cache)[:, -1]
             next_pos = next_pos + 1
         return results  # type: ignore[return-value]  # every row finished by the last step
+
+    def _rows_cache(self, prefix: Optional[_Prefix], bsz: int, length: int) -> tuple[KVCache, int]:
+        """The KV cache of the rows' own tokens (`length` slots per row) and the slot of each
+        row's first own token."""
+        if prefix is None:
+            return KVCache.allocate(self.model, bsz, length, device=self.device, dtype=self.dtype), 0
+        if bsz == 1:
+            # One row gains nothing from a shared block: a copy of the prefix goes into the row's
+            # own first slots, so that each step attends to one block instead of merging two.
+            p_len = len(prefix.tokens)
+            cache = KVCache.allocate(self.model, 1, p_len + length, device=self.device, dtype=self.dtype)
+            for own, shared in zip(cache.k + cache.v, prefix.cache.prefix_k + prefix.cache.prefix_v):
+                own[:, :, :p_len] = shared
+            return cache, p_len
+        cache = KVCache.allocate(self.model, bsz, length, device=self.device, dtype=self.dtype)
+        cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+        return cache, 0
 
     def _sample(self, logits: torch.Tensor, histories: list[list[int]], gens, params: SamplingParams, step: int):
         logits = logits.float()

@@ -111,9 +111,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as LLaMA does; bf16 variance loses too much.
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        return torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> torch.Tensor:
@@ -297,20 +295,25 @@ class Attention(nn.Module):
         values = cache.v[layer][:bsz, :, : step.span]
         if not cache.prefix_k:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        # Shared prefix + own slots under one softmax: attend to each block separately and merge
-        # by their log-sum-exps. The prefix (1, kvh, P, D) is the same for every row, so the batch
-        # is folded into its query rows, (1, kvh, B * rep * T, D): it is read once per pass, where
-        # broadcasting it over the batch would copy it B times per layer per step.
-        bsz, n_heads, seqlen, head_dim = q.shape
-        kvh = self.n_local_kv_heads
-        folded = q.reshape(bsz, kvh, -1, head_dim).transpose(0, 1).reshape(1, kvh, -1, head_dim)
-        out_p, lse_p = attention_with_lse(folded, cache.prefix_k[layer], cache.prefix_v[layer])
-        out_p = out_p.view(kvh, bsz, -1, head_dim).transpose(0, 1).reshape(q.shape)  # (B, H, T, D)
-        lse_p = lse_p.view(kvh, bsz, -1).transpose(0, 1).reshape(bsz, n_heads, seqlen)  # (B, H, T)
-        out_s, lse_s = attention_with_lse(q, keys, values, step.mask)
-        lse = torch.logaddexp(lse_p, lse_s)
-        out = out_p * (lse_p - lse).exp()[..., None] + out_s * (lse_s - lse).exp()[..., None]
-        return out.type_as(q)
+        return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer])
+
+
+def merge_attention(q, keys, values, mask, prefix_k, prefix_v) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over a shared prefix (1, kvh, P, D) and each row's own keys
+    and values (B, kvh, S, D) under one softmax: each block is attended separately and the two
+    are merged by their log-sum-exps. The prefix is the same for every row, so the batch is folded
+    into its query rows, (1, kvh, B * rep * T, D): it is read once per pass, where broadcasting it
+    over the batch would copy it B times per layer per step."""
+    bsz, n_heads, seqlen, head_dim = q.shape
+    kvh = prefix_k.shape[1]
+    folded = q.reshape(bsz, kvh, -1, head_dim).transpose(0, 1).reshape(1, kvh, -1, head_dim)
+    out_p, lse_p = attention_with_lse(folded, prefix_k, prefix_v)
+    out_p = out_p.view(kvh, bsz, -1, head_dim).transpose(0, 1).reshape(q.shape)  # (B, H, T, D)
+    lse_p = lse_p.view(kvh, bsz, -1).transpose(0, 1).reshape(bsz, n_heads, seqlen)  # (B, H, T)
+    out_s, lse_s = attention_with_lse(q, keys, values, mask)
+    lse = torch.logaddexp(lse_p, lse_s)
+    out = out_p * (lse_p - lse).exp()[..., None] + out_s * (lse_s - lse).exp()[..., None]
+    return out.type_as(q)
 
 
 def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
