@@ -209,8 +209,7 @@ class Engine:
             chosen = self._sample(logits, [out_tokens[r] for r in active], [gens[r] for r in active], params, step)
             distributed.broadcast_tensor_mp(chosen)
             finished = []
-            for slot, row in enumerate(active):
-                token = int(chosen[slot])
+            for slot, (row, token) in enumerate(zip(active, chosen.tolist())):
                 reason: Optional[FinishReason] = None
                 stream = streams[row]
                 if token == self.tok.eos_id:
