@@ -11,11 +11,14 @@ Nothing here executes pickled code (`weights_only=True`, or safetensors).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
@@ -108,7 +111,38 @@ class Reader:
     def _shape_hint(self, name: str) -> str:
         return ""
 
+    def release(self, name: str) -> None:
+        """The caller has copied tensor `name` and no longer needs the reader's own."""
+
     path: Path
+
+
+def drop_mapped_pages(t: torch.Tensor) -> None:
+    """Let the kernel take back the resident pages of a tensor memory-mapped from a file (they are
+    read from the file again if touched). Only for tensors known to be file-mapped: on ordinary
+    memory this would zero the pages."""
+    if _madvise is None or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+    if hi > lo:  # whole pages only: a neighbouring tensor's partial page stays as it is
+        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_madvise = _libc_madvise()
+_MADV_DONTNEED = 4
 
 
 class StateReader(Reader):
@@ -156,15 +190,16 @@ def open_checkpoint(ckpt_dir) -> Reader:
     return MetaReader(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else HFReader(ckpt_dir)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The file's tensors, and whether they are memory-mapped from it."""
     try:
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise
             # Old zip-less pickles cannot be memory-mapped; still never unpickle code.
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as err:
         # torch's message advises weights_only=False; name the refused object, not that advice.
         detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "not plain tensors")
@@ -182,7 +217,9 @@ class MetaReader(Reader):
             if expected not in numbers:
                 raise CheckpointError(f"{ckpt_dir}: missing shard consolidated.{expected:02d}.pth "
                                       f"(found {len(numbers)} of {max(numbers) + 1})")
-        self.shards = [_torch_load(ckpt_dir / f"consolidated.{n:02d}.pth") for n in sorted(numbers)]
+        loaded = [_torch_load(ckpt_dir / f"consolidated.{n:02d}.pth") for n in sorted(numbers)]
+        self.shards = [state for state, _ in loaded]
+        self.mapped = all(mapped for _, mapped in loaded)
         params = json.loads((ckpt_dir / "params.json").read_text())
         self.args = self._resolve_args(params)
 
@@ -210,7 +247,18 @@ class MetaReader(Reader):
         dim = meta_shard_dim(name)
         if dim is None or len(parts) == 1:
             return parts[0]
-        return torch.cat(parts, dim=dim)
+        full = torch.cat(parts, dim=dim)
+        if self.mapped:
+            # The parts were copied: their file pages need not stay resident while the rest of
+            # the model loads (read from the file again if touched).
+            for part in parts:
+                drop_mapped_pages(part)
+        return full
+
+    def release(self, name: str) -> None:
+        if self.mapped:
+            for shard in self.shards:
+                drop_mapped_pages(shard[name])
 
     def _shape_hint(self, name: str) -> str:
         return f" ({len(self.shards)} shard(s) found; is one missing?)" if len(self.shards) else ""
@@ -291,7 +339,7 @@ class HFReader(Reader):
 
                 self._open[path] = safe_open(str(path), framework="pt")
             else:
-                self._open[path] = _torch_load(path)
+                self._open[path] = _torch_load(path)[0]
         return self._open[path]
 
     def _file_keys(self, path: Path) -> list[str]:
@@ -434,11 +482,13 @@ def local_state(reader: Reader, rank: int, k: int, *, dtype: torch.dtype, device
 
     def stream():
         for name in reader.names():
-            t = reader.checked(name)
-            if adjust is not None:
-                t = adjust(name, t)
+            source = reader.checked(name)
+            t = source if adjust is None else adjust(name, source)
             t = local_slice(name, pad_tensor(name, t, pad), rank, k)
-            yield name, t.to(device=device, dtype=dtype).contiguous()
+            t = t.to(device=device, dtype=dtype).contiguous()
+            if t.device.type != "cpu" or not t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+                reader.release(name)  # a copy: the source is done with
+            yield name, t
 
     return pad.args, stream()
 

@@ -51,8 +51,9 @@ if mode == "load":
     from dromedary.builder import build
     loaded = build(path, dtype=sys.argv[3], tokenizer_path=sys.argv[4])
     n = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    # Touch every weight so lazily mapped pages are counted too.
-    s = sum(float(p.float().sum()) for p in loaded.model.parameters())
+    # Touch every weight so lazily mapped pages are counted too (summed in place: an fp32 copy
+    # of the largest matrix would itself add a quarter of a bf16 checkpoint to the peak).
+    s = sum(float(c.float().sum()) for p in loaded.model.parameters() for c in p.detach().view(-1).split(1 << 20))
 else:
     n = 0
 peak = hwm_kb()

@@ -89,6 +89,21 @@ def test_meta_shards_load_at_mp1_equal_to_one_shard(ckpts, tmp_path, num_shards,
     torch.testing.assert_close(logits(sharded, TOKENS), logits(ckpts["gqa_meta"], TOKENS), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_released_checkpoint_pages_read_back_from_the_file(ckpts, tmp_path, tokenizer_path, num_shards):
+    # Loading lets the kernel drop the mmapped pages of tensors it has copied; what is read after
+    # that must come back from the file unchanged (dropping ordinary memory would zero it).
+    path = write_checkpoint(tmp_path / "ckpt", GQA, seed=2, tokenizer=tokenizer_path, num_shards=num_shards)
+    reader = checkpoint.open_checkpoint(path)
+    assert reader.mapped
+    expected = full_state(ckpts["gqa_meta"])
+    for name in reader.names():
+        first = reader.get(name).clone()
+        reader.release(name)
+        torch.testing.assert_close(reader.get(name), first, rtol=0, atol=0)
+        torch.testing.assert_close(first, expected[name], rtol=0, atol=0)
+
+
 def test_sharded_safetensors_with_index_load(ckpts, tmp_path, tokenizer_path):
     out = write_checkpoint(tmp_path / "hf", LLAMA1, seed=1, tokenizer=tokenizer_path, layout="hf",
                            max_file_bytes=60_000)
