@@ -1,7 +1,9 @@
 """Batched sampling engine: KV cache, shared-prefix cache, stops, penalties, streaming, scoring.
 
 Rows are right-padded and each keeps its own positions, so a row's result does not depend on what
-else is in the batch. When the rows of a batch share a long token prefix (the self-align prompt is
+else is in the batch: exactly so in fp32; in bf16 the batch changes the shapes of the matrix
+products and where the shared prefix ends, which can resolve a near-tie differently (as in any
+batched bf16 engine). When the rows of a batch share a long token prefix (the self-align prompt is
 2-3k tokens of principles and exemplars), its keys and values are computed once, kept across calls,
 and attended by every row through broadcasting. Finished rows leave the batch.
 """
@@ -63,7 +65,8 @@ class Generation:
 
 def row_seed(seed: int, key: str) -> int:
     """A per-row seed from the run seed and a stable key (e.g. a record id): a record samples the
-    same text whatever batch or data-parallel group it lands in, so a resumed run matches."""
+    same text whatever batch or data-parallel group it lands in, so a resumed run matches (in bf16,
+    up to near-ties that a differently composed batch resolves differently; see the module doc)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
