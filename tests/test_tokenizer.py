@@ -72,6 +72,31 @@ def test_stream_of_random_ids_concatenates_to_decode(tokenizer, seed):
     assert "".join(deltas) == tokenizer.decode(ids) == dec.text
 
 
+@pytest.mark.parametrize("every", [1, 2, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_anchored_stream_of_long_text_equals_decode(tokenizer, monkeypatch, every, seed):
+    # Long generations re-decode only the ids since an anchor; with anchors moving every token or
+    # few, through multi-byte characters, spaces and stray bytes, the text must still be decode().
+    import random
+
+    monkeypatch.setattr(StreamDecoder, "ANCHOR_EVERY", every)
+    rng = random.Random(seed)
+    ids = []
+    for _ in range(40):
+        if rng.random() < 0.5:
+            ids += tokenizer.encode(rng.choice(TEXTS), bos=False)
+        else:
+            ids += [rng.randrange(3, tokenizer.n_words) for _ in range(rng.randint(1, 6))]
+    dec = StreamDecoder(tokenizer)
+    shown = ""
+    for n, i in enumerate(ids, start=1):
+        shown += dec.feed(i)
+        assert tokenizer.decode(ids[:n]).startswith(shown)
+    shown += dec.flush()
+    assert shown == dec.text == tokenizer.decode(ids)
+    assert dec._anchor > len(ids) // 2  # the anchor really moved along
+
+
 def test_decode_ignores_ids_outside_the_vocabulary(tokenizer):
     ids = tokenizer.encode("good", bos=False)
     assert tokenizer.decode(ids + [tokenizer.n_words, tokenizer.n_words + 5, -1]) == "good"
