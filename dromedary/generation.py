@@ -226,7 +226,7 @@ class Engine:
                         reason = "stop"
                     elif step + 1 == budget:
                         reason = "length"
-                    else:
+                    elif on_text is not None and delta:
                         # Hold back a tail that may still grow into a stop string, so what is
                         # streamed is always a prefix of the final text.
                         show(row, len(stream.text) - _stop_prefix_len(stream.text, params.stop))
