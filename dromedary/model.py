@@ -328,6 +328,14 @@ def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[to
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)[:2]
         return out, lse
     bsz, n_heads, seqlen, head_dim = q.shape
+    # Scores are materialised in fp32 here: take the query rows in chunks that keep them near
+    # SCORE_CHUNK_BYTES (the rows of a 64-prompt self-align batch over a 3k-token prefix would
+    # otherwise need gigabytes at once).
+    rows = max(1, SCORE_CHUNK_BYTES // (4 * bsz * n_heads * k.shape[2]))
+    if seqlen > rows:
+        parts = [attention_with_lse(q[:, :, i : i + rows], k, v, None if mask is None else mask[:, :, i : i + rows])
+                 for i in range(0, seqlen, rows)]
+        return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
     qg = q.unflatten(1, (k.shape[1], -1))  # (B, kvh, rep, T, D): kv broadcasts over rep
     s = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(head_dim)  # (B, kvh, rep, T, S)
     if mask is not None:
@@ -338,6 +346,7 @@ def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[to
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+SCORE_CHUNK_BYTES = 256 << 20
 
 
 @dataclass

@@ -109,3 +109,27 @@ def test_score_is_hf_log_probability_of_the_target(pair, tokenizer):
             logp = torch.log_softmax(hf(torch.tensor([pi + ti])).logits[0].double(), dim=-1)
         expected = sum(float(logp[len(pi) + j - 1, tok]) for j, tok in enumerate(ti))
         assert s == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_attention_without_a_fused_kernel_takes_queries_in_bounded_chunks(monkeypatch, gqa, masked):
+    # Off the CPU, attention with log-sum-exp materialises fp32 scores: long query blocks (a big
+    # self-align batch folded over its prefix) are taken in chunks, with the same result.
+    from dromedary import model
+
+    torch.manual_seed(0)
+    heads, kvh, t, s, d = 4, 2 if gqa else 4, 37, 23, 8
+    q, k, v = torch.randn(2, heads, t, d), torch.randn(2, kvh, s, d), torch.randn(2, kvh, s, d)
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, t, s).masked_fill_(torch.rand(2, 1, t, s) < 0.3, float("-inf"))
+        mask[..., 0] = 0.0  # every query sees at least one key
+    monkeypatch.setattr(model, "_FLASH_CPU", None)
+    whole_out, whole_lse = model.attention_with_lse(q, k, v, mask)
+    monkeypatch.setattr(model, "SCORE_CHUNK_BYTES", 4 * 2 * heads * s * 5)  # 5 query rows at a time
+    out, lse = model.attention_with_lse(q, k, v, mask)
+    torch.testing.assert_close(out, whole_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, whole_lse, rtol=1e-6, atol=1e-6)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
