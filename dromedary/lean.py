@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_init
 
 from .model import KVCache, Transformer, _Packed, merge_attention
 
@@ -46,7 +45,7 @@ class LeanDecoder:
         self.eps = args.norm_eps
         self.dim = args.dim
         self.vocab = args.vocab_size
-        self.embed_direct = fs_init.get_model_parallel_world_size() == 1
+        self.embed_direct = model.mp_size == 1  # no vocabulary split: a plain row lookup
 
     @classmethod
     def build(cls, model: Transformer) -> Optional["LeanDecoder"]:

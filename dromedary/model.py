@@ -399,6 +399,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.mp_size = fs_init.get_model_parallel_world_size()  # the K its layers are split for
         with _without_fairscale_init():
             self._build(args)
         self.gradient_checkpointing = False
