@@ -31,14 +31,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, reduce_from_model_parallel_region
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from . import checkpoint, distributed
-from .model import ModelArgs
+# fairscale stays behind model.py: its parallel layers and region mappings come from there.
+from .model import ColumnParallelLinear, ModelArgs, RowParallelLinear, fs_mappings
 
 ADAPTER = "default"  # peft's adapter name inside the model
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -130,7 +129,7 @@ class ColumnParallelLora(_ParallelLora):
         return module.in_features, module.output_size_per_partition
 
     def _combine(self, h):
-        return copy_to_model_parallel_region(h)  # backward: sum the ranks' shares of d loss / d(A x)
+        return fs_mappings.copy_to_model_parallel_region(h)  # backward: sum the ranks' shares of d loss / d(A x)
 
 
 class RowParallelLora(_ParallelLora):
@@ -142,7 +141,7 @@ class RowParallelLora(_ParallelLora):
         return module.input_size_per_partition, module.out_features
 
     def _combine(self, h):
-        return reduce_from_model_parallel_region(h)  # sum_k A_k x_k
+        return fs_mappings.reduce_from_model_parallel_region(h)  # sum_k A_k x_k
 
 
 def _peft_config(r: int, alpha: float, dropout: float, targets: Sequence[str], rslora: bool = False) -> LoraConfig:
