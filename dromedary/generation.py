@@ -194,7 +194,6 @@ class Engine:
         logits = self.model(tokens, positions, cache, output_index=lens - 1)[:, 0]
         lean = self._lean if self._lean is not None and self._lean.usable() else None
 
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         out_tokens: list[list[int]] = [[] for _ in range(bsz)]
         streams = [StreamDecoder(self.tok) for _ in range(bsz)]
         results: list[Optional[Generation]] = [None] * bsz
@@ -209,7 +208,7 @@ class Engine:
             shown[row] = max(shown[row], upto)
 
         for step in range(budget):
-            chosen = self._sample(logits, [out_tokens[r] for r in active], [gens[r] for r in active], params, step)
+            chosen = self._sample(logits, [out_tokens[r] for r in active], [seeds[r] for r in active], params, step)
             distributed.broadcast_tensor_mp(chosen)
             finished = []
             for slot, (row, token) in enumerate(zip(active, chosen.tolist())):
@@ -270,7 +269,8 @@ class Engine:
         cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
         return cache, 0
 
-    def _sample(self, logits: torch.Tensor, histories: list[list[int]], gens, params: SamplingParams, step: int):
+    def _sample(self, logits: torch.Tensor, histories: list[list[int]], seeds: list[int], params: SamplingParams,
+                step: int):
         logits = logits.float()
         logits[:, self.n_words :] = float("-inf")
         for token, bias in params.logit_bias.items():
@@ -292,7 +292,7 @@ class Engine:
             drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+        return draw(probs, seeds, step)
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -319,6 +319,30 @@ class Engine:
                 picked = logprobs[i, len(r) - n - 1 : len(r) - 1].gather(-1, target[:, None])
                 scores.append(float(picked.sum()))
         return scores
+
+
+def draw(probs: torch.Tensor, seeds: Sequence[int], step: int) -> torch.Tensor:
+    """One token per row of `probs` (B, V), non-negative, not necessarily normalised: row i
+    inverts its cumulative distribution at `uniform(seeds[i], step)`. The draw depends on the
+    row's seed and the step only, so a row samples the same whatever its batch, and a whole batch
+    is sampled in a few kernels instead of one generator call per row."""
+    u = torch.tensor([uniform(s, step) for s in seeds], dtype=torch.float64, device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    # u is in (0, 1]: the first entry reaching u * total has non-zero probability.
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])
+    return picked[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in (0, 1] from a row seed and a step (splitmix64 of the pair)."""
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return ((z >> 11) + 1) / float(1 << 53)
 
 
 def _weight_bytes(model: Transformer) -> int:

@@ -301,6 +301,26 @@ def test_row_seed_makes_a_row_independent_of_its_batch(engine):
     assert [g.tokens for g in shuffled[::-1]] == [g.tokens for g in together]
 
 
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    # Unnormalised weights, zeros in front, between and at the end (top-k / top-p leave zeros).
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.6, 0.4, 0.0])
+    n = 4000
+    picked = torch.cat([generation.draw(weights[None].repeat(50, 1), range(k, k + 50), step=k % 7)
+                        for k in range(0, n, 50)])
+    counts = torch.bincount(picked, minlength=6).double() / n
+    assert counts[[0, 2, 5]].sum() == 0
+    # Binomial standard deviation is <= 0.008 here: 5 of them is a failure, not noise.
+    torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+                               atol=0.04, rtol=0)
+
+
+def test_uniforms_are_in_the_half_open_unit_interval_and_spread():
+    us = [generation.uniform(seed, step) for seed in range(200) for step in range(20)]
+    assert all(0 < u <= 1 for u in us)
+    assert abs(sum(us) / len(us) - 0.5) < 0.02
+    assert len(set(us)) == len(us)
+
+
 def test_row_seed_is_stable_and_depends_on_seed_and_key():
     assert generation.row_seed(0, "r1") == generation.row_seed(0, "r1")
     assert len({generation.row_seed(0, "r1"), generation.row_seed(1, "r1"), generation.row_seed(0, "r2")}) == 3
