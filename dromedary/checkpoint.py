@@ -486,7 +486,7 @@ def local_state(reader: Reader, rank: int, k: int, *, dtype: torch.dtype, device
             t = source if adjust is None else adjust(name, source)
             t = local_slice(name, pad_tensor(name, t, pad), rank, k)
             t = t.to(device=device, dtype=dtype).contiguous()
-            if t.device.type != "cpu" or not t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+            if t.device.type != "cpu" or t.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
                 reader.release(name)  # a copy: the source is done with
             yield name, t
 

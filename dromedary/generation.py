@@ -5,7 +5,8 @@ else is in the batch: exactly so in fp32; in bf16 the batch changes the shapes o
 products and where the shared prefix ends, which can resolve a near-tie differently (as in any
 batched bf16 engine). When the rows of a batch share a long token prefix (the self-align prompt is
 2-3k tokens of principles and exemplars), its keys and values are computed once, kept across calls,
-and attended by every row through broadcasting. Finished rows leave the batch.
+and attended by every row without being copied per row or per step (`model.merge_attention`).
+Finished rows leave the batch.
 """
 
 from __future__ import annotations
