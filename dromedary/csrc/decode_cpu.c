@@ -1,0 +1,464 @@
+/* One decoding step of a LLaMA in bf16 on x86 CPUs with AVX512-BF16, all layers in one call.
+ *
+ * Decoding a few rows is bound by reading the weights. Through PyTorch, a step is ~40 small
+ * tensor ops per layer between the projections, each a dispatch whose code and data the weight
+ * stream has just pushed out of the caches, and the projections themselves (oneDNN) reach ~75%
+ * of the read bandwidth in that company. Here a step is one call: one OpenMP region in which the
+ * threads split each projection by output columns and the attention by (head, row), meeting at a
+ * barrier between stages.
+ *
+ * Arithmetic follows the PyTorch forward (dromedary/model.py) rounding for rounding: every
+ * tensor the forward keeps in bf16 is rounded to bf16 here at the same point (RMSNorm output,
+ * its product with the weight, each projection, q and k after the rotation, the attention
+ * output, both residual sums, silu and its product with the up projection). Sums are fp32 in a
+ * different order, so logits agree with the forward's to bf16 rounding, not bit for bit.
+ *
+ * Projection weights are packed by dromedary/native.py into blocks of 16 output rows, and within
+ * a block by pairs of input columns: block[j][c][e] = W[16 * nb + c][2 * j + e]. One 64-byte
+ * load is then 16 outputs x 2 inputs: the B operand layout of the AMX tile unit, and for AVX512
+ * FMAs two fp32 vectors of 16 outputs each. Either way each output is summed in its own lane (no
+ * horizontal reductions), in an order that does not depend on the batch or the thread count: a
+ * row's logits are the same alone or in any batch.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef uint16_t bf16;
+
+typedef struct {
+    int32_t dim, n_heads, n_kv_heads, head_dim, ffn, vocab, n_layers;
+    float eps;
+    const bf16 *const *attention_norm; /* per layer, (dim) */
+    const bf16 *const *ffn_norm;
+    const bf16 *const *wqkv;           /* packed (H + 2 kvh) * head_dim x dim */
+    const bf16 *const *wo;             /* packed dim x H * head_dim */
+    const bf16 *const *w13;            /* packed 2 ffn x dim: w1 rows, then w3 rows */
+    const bf16 *const *w2;             /* packed dim x ffn */
+    const bf16 *norm;                  /* (dim) */
+    const bf16 *output;                /* packed vocab x dim */
+} Model;
+
+typedef struct {
+    int32_t batch;
+    int32_t threads;       /* OpenMP threads to run on (PyTorch's intra-op count) */
+    bf16 *x;               /* (B, dim): the token embeddings in, the residual stream while working */
+    const int64_t *slot;   /* (B): the row's own cache slot for this token */
+    const int64_t *pos;    /* (B): its position (prefix length + slot) */
+    const float *rope;     /* (max_pos, head_dim / 2, 2): cos, sin */
+    bf16 *const *k_cache;  /* per layer: (B, kvh, S, head_dim) rows' own keys */
+    bf16 *const *v_cache;
+    int64_t cache_row, cache_head;      /* strides in elements; a slot's stride is head_dim */
+    const bf16 *const *prefix_k;        /* per layer: (kvh, P, head_dim), or NULL */
+    const bf16 *const *prefix_v;
+    int64_t prefix_len;                 /* P */
+    int64_t max_span;                   /* max(slot) + 1 */
+    bf16 *logits;                       /* (B, vocab) out */
+} Step;
+
+/* ---------------------------------------------------------------------------------------------
+ * bf16 <-> fp32 */
+
+static inline float bf16_to_f32(bf16 h) {
+    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    union { float f; uint32_t u; } v = { .f = f };
+    if ((v.u & 0x7fffffff) > 0x7f800000) return (bf16)((v.u >> 16) | 0x40); /* NaN stays NaN */
+    return (bf16)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline __m512 load16(const bf16 *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void store16(bf16 *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail16(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+/* e^x for 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6 (rel. err ~2e-7). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Projections: y (B, N) fp32 = x (B, K) @ W^T, W packed as described above. Each 64-byte load
+ * holds 16 output columns x 2 inputs; its even and odd halves become two fp32 vectors (a shift and
+ * a mask) that are multiplied into per-row accumulators with fp32 FMAs against the broadcast
+ * inputs (x converted to fp32 once per call). Every output is one lane summed in input order:
+ * the result does not depend on the batch size or the thread count. (vdpbf16ps would save the
+ * conversions, but on the CPUs measured it issues at half the FMA rate, and from 5 rows up the
+ * products, not the memory, set the pace.) The threads share the output blocks; NB blocks x BB
+ * rows are accumulated at once (NB * BB <= 16 registers). */
+
+static inline __attribute__((always_inline)) void gemm_tile(const bf16 *P, int kpairs, const float *x, int64_t ldx,
+                                                            float *y, int64_t ldy, int N, int nb, int NB, int BB) {
+    __m512 acc[4][8];
+    for (int i = 0; i < NB; i++)
+        for (int b = 0; b < BB; b++) acc[i][b] = _mm512_setzero_ps();
+    const bf16 *w[4];
+    for (int i = 0; i < NB; i++) w[i] = P + (int64_t)(nb + i) * kpairs * 32;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000);
+    for (int j = 0; j < kpairs; j++) {
+        __m512 even[4], odd[4];
+        for (int i = 0; i < NB; i++) {
+            __m512i v = _mm512_loadu_si512(w[i] + 32 * j);
+            even[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            odd[i] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
+        for (int b = 0; b < BB; b++) {
+            __m512 x0 = _mm512_set1_ps(x[b * ldx + 2 * j]), x1 = _mm512_set1_ps(x[b * ldx + 2 * j + 1]);
+            for (int i = 0; i < NB; i++) acc[i][b] = _mm512_fmadd_ps(odd[i], x1, _mm512_fmadd_ps(even[i], x0, acc[i][b]));
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        int col = (nb + i) * 16;
+        __mmask16 m = tail16(N - col);
+        for (int b = 0; b < BB; b++) _mm512_mask_storeu_ps(y + b * ldy + col, m, acc[i][b]);
+    }
+}
+
+#define TILE(NB_, BB_) gemm_tile(P, kpairs, x + b0 * ldx, ldx, y + b0 * ldy, ldy, N, nb, NB_, BB_)
+
+static void gemm_rows(const bf16 *P, int K, const float *x, int64_t ldx, int B, float *y, int64_t ldy, int N,
+                      int nb, int NB) {
+    int kpairs = K / 2;
+    for (int b0 = 0; b0 < B; b0 += 8) {
+        int bb = B - b0 < 8 ? B - b0 : 8;
+        if (NB == 4) {
+            switch (bb) {
+            case 1: TILE(4, 1); break;
+            case 2: TILE(4, 2); break;
+            case 3: TILE(4, 3); break;
+            default: TILE(4, 4); break;
+            }
+        } else if (NB == 2) {
+            switch (bb) {
+            case 1: TILE(2, 1); break;
+            case 2: TILE(2, 2); break;
+            case 3: TILE(2, 3); break;
+            case 4: TILE(2, 4); break;
+            case 5: TILE(2, 5); break;
+            case 6: TILE(2, 6); break;
+            case 7: TILE(2, 7); break;
+            default: TILE(2, 8); break;
+            }
+        } else {
+            switch (bb) {
+            case 1: TILE(1, 1); break;
+            case 2: TILE(1, 2); break;
+            case 3: TILE(1, 3); break;
+            case 4: TILE(1, 4); break;
+            case 5: TILE(1, 5); break;
+            case 6: TILE(1, 6); break;
+            case 7: TILE(1, 7); break;
+            default: TILE(1, 8); break;
+            }
+        }
+    }
+}
+
+/* With AMX (Sapphire Rapids and later) the tile unit takes the products: the packed blocks are
+ * already its B-operand layout (16 rows of 16 columns x 2 inputs = 32 inputs per tile), the rows
+ * of x (zero-padded to 16) are the A operand, so each 2 KB of weights is one tile product. The
+ * caller pads x; K must be a multiple of 32. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int use_amx = 0, amx_granted = 0;
+
+/* Use the tile unit (on = 1) or FMAs (on = 0) from now on; returns what is in use. The caller
+ * checks the CPU flags first. */
+int dromedary_set_amx(int on) {
+    /* Linux makes a process ask for the AMX register state before its first tile instruction. */
+    if (on && !amx_granted)
+        amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    use_amx = on && amx_granted;
+    return use_amx;
+}
+
+static void tiles_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+static void gemm_amx_blocks(const bf16 *P, int K, const bf16 *xpad, int rows, float *ctile, float *y, int64_t ldy,
+                            int N, int nb, int two) {
+    const int64_t block = (int64_t)K * 16; /* elements per packed block of 16 columns */
+    const bf16 *b0 = P + nb * block, *b1 = b0 + block;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int k = 0; k < K; k += 32) {
+        _tile_loadd(2, xpad + k, K * 2);
+        _tile_loadd(3, b0 + (int64_t)k * 16, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+            _tile_loadd(4, b1 + (int64_t)k * 16, 64);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+    }
+    for (int t = 0; t <= two; t++) {
+        if (t == 0) _tile_stored(0, ctile, 64); else _tile_stored(1, ctile, 64);
+        int col = (nb + t) * 16;
+        int n = N - col < 16 ? N - col : 16;
+        for (int r = 0; r < rows; r++) memcpy(y + r * ldy + col, ctile + r * 16, sizeof(float) * n);
+    }
+}
+
+static void gemm_amx(const bf16 *P, int K, const bf16 *x, int B, bf16 *xpad, float *ctile, float *y, int64_t ldy,
+                     int N) {
+    int blocks = (N + 15) / 16, pairs = (blocks + 1) / 2;
+    for (int r0 = 0; r0 < B; r0 += 16) {
+        int rows = B - r0 < 16 ? B - r0 : 16;
+        memcpy(xpad, x + (int64_t)r0 * K, sizeof(bf16) * rows * K);
+        memset(xpad + (int64_t)rows * K, 0, sizeof(bf16) * (16 - rows) * K);
+        #pragma omp for schedule(static) nowait
+        for (int g = 0; g < pairs; g++)
+            gemm_amx_blocks(P, K, xpad, rows, ctile, y + r0 * ldy, ldy, N, 2 * g, 2 * g + 1 < blocks);
+        #pragma omp barrier
+    }
+}
+
+/* Called inside a parallel region by every thread: the output blocks are split between them.
+ * xf: this thread's scratch for x in fp32, (B, K). */
+static void gemm(const bf16 *P, int K, const bf16 *x, int B, float *xf, float *y, int64_t ldy, int N) {
+    if (use_amx && K % 32 == 0) {
+        /* xf is (B, K) fp32: room for 16 rows of bf16 and one fp32 output tile */
+        gemm_amx(P, K, x, B, (bf16 *)xf, xf + 8 * K, y, ldy, N);
+        return;
+    }
+    for (int64_t i = 0; i < (int64_t)B * K; i++) xf[i] = bf16_to_f32(x[i]);
+    int blocks = (N + 15) / 16;
+    int NB = B <= 4 ? 4 : 2;
+    int groups = (blocks + NB - 1) / NB;
+    #pragma omp for schedule(static) nowait
+    for (int g = 0; g < groups; g++) {
+        int nb = g * NB;
+        if (nb + NB <= blocks) {
+            gemm_rows(P, K, xf, K, B, y, ldy, N, nb, NB);
+        } else {
+            for (; nb < blocks; nb++) gemm_rows(P, K, xf, K, B, y, ldy, N, nb, 1);
+        }
+    }
+    #pragma omp barrier
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Row-wise pieces. */
+
+static inline __m512 to_bf16_and_back(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w), x bf16 */
+static void rms_norm(const bf16 *x, const bf16 *w, int dim, float eps, bf16 *out) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int i = 0; i < dim; i += 16) {
+        __m512 v = load16(x + i, tail16(dim - i));
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) / dim + eps);
+    for (int i = 0; i < dim; i += 16) {
+        __mmask16 m = tail16(dim - i);
+        __m512 v = to_bf16_and_back(_mm512_mul_ps(load16(x + i, m), _mm512_set1_ps(scale)));
+        store16(out + i, _mm512_mul_ps(v, load16(w + i, m)), m);
+    }
+}
+
+/* x = bf16(x + bf16(y)), y fp32 */
+static void add_residual(bf16 *x, const float *y, int dim) {
+    for (int i = 0; i < dim; i += 16) {
+        __mmask16 m = tail16(dim - i);
+        __m512 r = _mm512_maskz_loadu_ps(m, y + i);
+        store16(x + i, _mm512_add_ps(load16(x + i, m), to_bf16_and_back(r)), m);
+    }
+}
+
+/* out = bf16(bf16(silu(bf16(g))) * bf16(u)), g and u fp32 */
+static void silu_mul(const float *g, const float *u, int n, bf16 *out) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail16(n - i);
+        __m512 a = to_bf16_and_back(_mm512_maskz_loadu_ps(m, g + i));
+        __m512 b = to_bf16_and_back(_mm512_maskz_loadu_ps(m, u + i));
+        __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+        store16(out + i, _mm512_mul_ps(to_bf16_and_back(s), b), m);
+    }
+}
+
+/* Rotate the interleaved pairs of one head (fp32 from the projection, rounded to bf16 first as
+ * the forward does) and round the result to bf16. */
+static void rotate(const float *src, const float *rope, int head_dim, bf16 *dst) {
+    for (int i = 0; i < head_dim; i += 2) {
+        float a = round_bf16(src[i]), b = round_bf16(src[i + 1]);
+        float c = rope[i], s = rope[i + 1];
+        dst[i] = f32_to_bf16(a * c - b * s);
+        dst[i + 1] = f32_to_bf16(a * s + b * c);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Attention of one query row of one head over the prefix keys (may be none) and the row's own
+ * keys [0, span), under one softmax. */
+
+static inline float dot_bf16(const bf16 *a, const bf16 *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 32) {
+        __mmask32 m = n - i >= 32 ? (__mmask32)~0u : (__mmask32)((1u << (n - i)) - 1);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, a + i), (__m512bh)_mm512_maskz_loadu_epi16(m, b + i));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static void attend(const bf16 *q, const bf16 *pk, const bf16 *pv, int64_t P, const bf16 *k, const bf16 *v,
+                   int64_t span, int hd, float *s, bf16 *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t n = P + span;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < P; j++) {
+        s[j] = dot_bf16(q, pk + j * hd, hd) * scale;
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    for (int64_t j = 0; j < span; j++) {
+        s[P + j] = dot_bf16(q, k + j * hd, hd) * scale;
+        mx = s[P + j] > mx ? s[P + j] : mx;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < n; j += 16) {
+        __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(mx)));
+        e = _mm512_maskz_mov_ps(m, e);
+        _mm512_mask_storeu_ps(s + j, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    __m512 acc[16];
+    int chunks = (hd + 15) / 16;
+    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        const bf16 *row = t < P ? pv + t * hd : v + (t - P) * hd;
+        __m512 p = _mm512_set1_ps(s[t]);
+        for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load16(row + 16 * c, tail16(hd - 16 * c)), acc[c]);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int c = 0; c < chunks; c++) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv), tail16(hd - 16 * c));
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The step. */
+
+int dromedary_decode_step(const Model *m, const Step *st) {
+    const int B = st->batch, dim = m->dim, H = m->n_heads, kvh = m->n_kv_heads, hd = m->head_dim;
+    const int rep = H / kvh, n_qkv = (H + 2 * kvh) * hd, ffn = m->ffn;
+    int wide = n_qkv > 2 * ffn ? n_qkv : 2 * ffn;
+    if (wide < m->vocab) wide = m->vocab;
+    int feat = dim > ffn ? dim : ffn;
+    if (feat < H * hd) feat = H * hd;
+    /* Scratch: normed input / silu product (B, feat) bf16, projection outputs (B, wide) fp32,
+     * attention output (B, H * hd) bf16, q (B, H, hd) bf16, scores per thread. */
+    bf16 *xn = malloc(sizeof(bf16) * (size_t)B * feat);
+    float *y = malloc(sizeof(float) * (size_t)B * wide);
+    bf16 *att = malloc(sizeof(bf16) * (size_t)B * H * hd);
+    bf16 *q = malloc(sizeof(bf16) * (size_t)B * H * hd);
+    int threads = st->threads > 0 ? st->threads : 1;
+    int64_t score_len = st->prefix_len + st->max_span + 16;
+    float *scores = malloc(sizeof(float) * (size_t)threads * score_len);
+    int64_t xf_len = (int64_t)(B > 16 ? B : 16) * feat + 256; /* x in fp32, or 16 padded bf16 rows + a tile */
+    float *xfs = malloc(sizeof(float) * (size_t)threads * xf_len);
+    if (!xn || !y || !att || !q || !scores || !xfs) {
+        free(xn); free(y); free(att); free(q); free(scores); free(xfs);
+        return 1;
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s = scores + (int64_t)omp_get_thread_num() * score_len;
+        float *xf = xfs + (int64_t)omp_get_thread_num() * xf_len;
+        if (use_amx) tiles_configure();
+        for (int l = 0; l < m->n_layers; l++) {
+            bf16 *kc = st->k_cache[l], *vc = st->v_cache[l];
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) rms_norm(st->x + (int64_t)b * dim, m->attention_norm[l], dim, m->eps, xn + (int64_t)b * dim);
+            gemm(m->wqkv[l], dim, xn, B, xf, y, n_qkv, n_qkv);
+            /* Rotate q and k, round v; k and v go to the row's cache slot. */
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                const float *yb = y + (int64_t)b * n_qkv;
+                const float *rope = st->rope + st->pos[b] * hd;
+                for (int h = 0; h < H; h++) rotate(yb + h * hd, rope, hd, q + ((int64_t)b * H + h) * hd);
+                for (int g = 0; g < kvh; g++) {
+                    int64_t at = b * st->cache_row + g * st->cache_head + st->slot[b] * hd;
+                    rotate(yb + (H + g) * hd, rope, hd, kc + at);
+                    for (int i = 0; i < hd; i++) vc[at + i] = f32_to_bf16(yb[(H + kvh + g) * hd + i]);
+                }
+            }
+            /* Attention: items (head, row), head-major so that a thread reuses a head's prefix. */
+            #pragma omp for schedule(static)
+            for (int it = 0; it < H * B; it++) {
+                int h = it / B, b = it % B, g = h / rep;
+                const bf16 *pk = st->prefix_k ? st->prefix_k[l] + (int64_t)g * st->prefix_len * hd : NULL;
+                const bf16 *pv = st->prefix_v ? st->prefix_v[l] + (int64_t)g * st->prefix_len * hd : NULL;
+                int64_t base = b * st->cache_row + g * st->cache_head;
+                attend(q + ((int64_t)b * H + h) * hd, pk, pv, st->prefix_k ? st->prefix_len : 0, kc + base, vc + base,
+                       st->slot[b] + 1, hd, s, att + ((int64_t)b * H + h) * hd);
+            }
+            gemm(m->wo[l], H * hd, att, B, xf, y, dim, dim);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                add_residual(st->x + (int64_t)b * dim, y + (int64_t)b * dim, dim);
+                rms_norm(st->x + (int64_t)b * dim, m->ffn_norm[l], dim, m->eps, xn + (int64_t)b * dim);
+            }
+            gemm(m->w13[l], dim, xn, B, xf, y, 2 * ffn, 2 * ffn);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                const float *yb = y + (int64_t)b * 2 * ffn;
+                silu_mul(yb, yb + ffn, ffn, xn + (int64_t)b * ffn);
+            }
+            gemm(m->w2[l], ffn, xn, B, xf, y, dim, dim);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) add_residual(st->x + (int64_t)b * dim, y + (int64_t)b * dim, dim);
+        }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) rms_norm(st->x + (int64_t)b * dim, m->norm, dim, m->eps, xn + (int64_t)b * dim);
+        gemm(m->output, dim, xn, B, xf, y, m->vocab, m->vocab);
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int i = 0; i < m->vocab; i += 16) {
+                __mmask16 mk = tail16(m->vocab - i);
+                store16(st->logits + (int64_t)b * m->vocab + i, _mm512_maskz_loadu_ps(mk, y + (int64_t)b * m->vocab + i), mk);
+            }
+        }
+        if (use_amx) _tile_release();
+    }
+    free(xn); free(y); free(att); free(q); free(scores); free(xfs);
+    return 0;
+}
