@@ -34,10 +34,10 @@ def generate(engine, prompts, params):
                                     SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9)],
                          ids=["greedy", "sampled"])
 def test_lean_step_generates_what_the_model_forward_generates(bf16, prompts, params):
-    engine = Engine(bf16.model, bf16.tokenizer, prepack=True)
-    assert engine._lean is not None
+    engine = Engine(bf16.model, bf16.tokenizer, prepack=True, native=False)
+    assert engine._fast_step is not None
     fast = generate(engine, prompts, params)
-    engine._lean = None  # every step through Transformer.forward, on the same packs
+    engine._fast_step = None  # every step through Transformer.forward, on the same packs
     assert generate(engine, prompts, params) == fast
     plain = Engine(bf16.model, bf16.tokenizer, prepack=False)  # drops the packs: plain layers
     assert generate(plain, prompts, params) == fast
@@ -47,7 +47,7 @@ def test_lean_step_generates_what_the_model_forward_generates(bf16, prompts, par
 @pytest.mark.parametrize("slots", [[5, 5, 5], [3, 7, 5]], ids=["uniform", "ragged"])
 def test_lean_step_logits_equal_forward_bit_for_bit(bf16, with_prefix, slots):
     model, tok = bf16.model, bf16.tokenizer
-    engine = Engine(model, tok, prepack=True)
+    engine = Engine(model, tok, prepack=True, native=False)
     torch.manual_seed(0)
     vocab = model.args.vocab_size
     cache = KVCache.allocate(model, len(slots), 16, device="cpu", dtype=torch.bfloat16)
@@ -64,7 +64,7 @@ def test_lean_step_logits_equal_forward_bit_for_bit(bf16, with_prefix, slots):
         model(prompt, p_len + torch.arange(width)[None].expand(len(slots), width), cache)
         twin = KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v], cache.prefix_k, cache.prefix_v)
         tokens = torch.randint(3, vocab, (len(slots),))
-        lean = engine._lean.step(tokens, slots, cache)
+        lean = engine._fast_step.step(tokens, slots, cache)
         slot_t = torch.tensor(slots)
         ref = model(tokens[:, None], (p_len + slot_t)[:, None], twin)[:, -1]
     assert torch.equal(lean, ref)
@@ -74,12 +74,12 @@ def test_lean_step_logits_equal_forward_bit_for_bit(bf16, with_prefix, slots):
 
 def test_an_updated_weight_sends_decoding_back_to_the_forward(bf16):
     model, tok = bf16.model, bf16.tokenizer
-    engine = Engine(model, tok, prepack=True)
-    assert not engine._lean.usable()  # autograd on: a training step, not decoding
+    engine = Engine(model, tok, prepack=True, native=False)
+    assert not engine._fast_step.usable()  # autograd on: a training step, not decoding
     with torch.no_grad():
-        assert engine._lean.usable()
+        assert engine._fast_step.usable()
         model.layers[1].feed_forward.w2.weight.mul_(2.0)  # in place: the pack is now stale
-        assert not engine._lean.usable()
+        assert not engine._fast_step.usable()
     params = SamplingParams(max_new_tokens=16)
     plain = Engine(model, tok, prepack=False)
     assert generate(engine, PLAIN, params) == generate(plain, PLAIN, params)

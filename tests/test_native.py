@@ -1,0 +1,142 @@
+"""The compiled CPU decoding step (native.py): as accurate as the PyTorch bf16 step, independent of
+the rest of the batch, and used only while the weights it packed are the model's."""
+
+import copy
+
+import pytest
+import torch
+
+from dromedary import builder, native
+from dromedary.generation import Engine, SamplingParams
+from dromedary.model import KVCache
+
+pytestmark = pytest.mark.usefixtures("world")
+
+PROMPTS = ["The camel", "Hello there friend, what is the answer?", "日本 café €", "Water"]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no native step here (needs an AVX512-BF16 CPU and a C compiler)")
+    yield lib
+    native.set_amx(lib, True)
+
+
+@pytest.fixture
+def bf16(ckpts, lib):
+    return builder.build(str(ckpts["gqa_meta"]), model_parallel_size=1, dtype="bf16", device="cpu")
+
+
+def test_pack_puts_sixteen_rows_by_column_pairs_in_each_block():
+    w = torch.randn(37, 10).bfloat16()
+    p = native.pack(w)
+    assert p.shape == (3, 5, 16, 2)  # 37 rows padded to 48
+    for nb, j, c, e in [(0, 0, 0, 0), (0, 4, 15, 1), (1, 2, 3, 0), (2, 1, 4, 1)]:
+        assert p[nb, j, c, e] == w[16 * nb + c, 2 * j + e]
+    assert not p[2, :, 5:].any()  # rows 37..47 are zero
+
+
+def _filled_cache(model, slots, with_prefix, seed=0):
+    """A cache whose rows hold a prompt pass of random tokens (and a shared prefix), plus a twin."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.args.vocab_size
+    cache = KVCache.allocate(model, len(slots), 24, device="cpu", dtype=model.output.weight.dtype)
+    p_len = 0
+    if with_prefix:
+        model(torch.randint(3, vocab, (1, 20), generator=g), cache=cache, prefix_only=True)
+        p_len = 20
+    width = max(slots)
+    prompt = torch.randint(3, vocab, (len(slots), width), generator=g)
+    model(prompt, p_len + torch.arange(width)[None].expand(len(slots), width), cache)
+    tokens = torch.randint(3, vocab, (len(slots),), generator=g)
+    return cache, tokens, p_len
+
+
+def _twin(cache):
+    return KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v], cache.prefix_k, cache.prefix_v)
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
+@pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix", "no-prefix"])
+@pytest.mark.parametrize("slots", [[5, 5, 5], [3, 9, 5, 1]], ids=["uniform", "ragged"])
+def test_native_step_is_as_accurate_as_the_pytorch_step(bf16, lib, amx, with_prefix, slots):
+    # Against the same bf16 weights run in fp32, the native step's error is no larger than the
+    # PyTorch bf16 forward's (they round at the same points; only the order of sums differs).
+    if amx and not native.set_amx(lib, True):
+        pytest.skip("this CPU has no AMX")
+    native.set_amx(lib, amx)
+    model = bf16.model
+    step = native.NativeDecoder.build(model)
+    exact = copy.deepcopy(model).float()
+    with torch.inference_mode():
+        cache, tokens, p_len = _filled_cache(model, slots, with_prefix)
+        twin, ref_cache = _twin(cache), _twin(cache)
+        got = step.step(tokens, slots, cache).float()
+        pos = (p_len + torch.tensor(slots))[:, None]
+        torch_bf16 = model(tokens[:, None], pos, twin)[:, -1].float()
+        ref_cache.k = [k.float() for k in ref_cache.k]
+        ref_cache.v = [v.float() for v in ref_cache.v]
+        ref_cache.prefix_k = [k.float() for k in ref_cache.prefix_k]
+        ref_cache.prefix_v = [v.float() for v in ref_cache.prefix_v]
+        ref = exact(tokens[:, None], pos, ref_cache)[:, -1]
+    err_native = (got - ref).abs().max()
+    err_torch = (torch_bf16 - ref).abs().max()
+    assert err_native <= 2 * err_torch + 1e-3, (err_native, err_torch)
+    # The new token's keys and values land in each row's slot, as accurate as PyTorch's; nothing
+    # else in the cache changes.
+    rows = torch.arange(len(slots))
+    for a, b, r in zip(cache.k + cache.v, twin.k + twin.v, ref_cache.k + ref_cache.v):
+        new_a, new_b, new_r = (t[rows, :, slots].float() for t in (a, b, r))
+        assert (new_a - new_r).abs().max() <= 2 * (new_b - new_r).abs().max() + 1e-2
+        a, b = a.clone(), b.clone()
+        a[rows, :, slots] = b[rows, :, slots] = 0
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(bf16, lib, amx):
+    # 19 rows: more than one group of rows in both kernels, ragged slots.
+    if amx and not native.set_amx(lib, True):
+        pytest.skip("this CPU has no AMX")
+    native.set_amx(lib, amx)
+    model = bf16.model
+    step = native.NativeDecoder.build(model)
+    slots = [(7 * i) % 11 + 1 for i in range(19)]
+    with torch.inference_mode():
+        cache, tokens, _ = _filled_cache(model, slots, with_prefix=True)
+        alone = []
+        for i in range(len(slots)):
+            row = KVCache([k[i : i + 1].clone() for k in cache.k], [v[i : i + 1].clone() for v in cache.v],
+                          cache.prefix_k, cache.prefix_v)
+            alone.append(step.step(tokens[i : i + 1], slots[i : i + 1], row))
+        together = step.step(tokens, slots, cache)
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_engine_decodes_natively_and_steps_aside_when_a_weight_changes(bf16, lib):
+    model, tok = bf16.model, bf16.tokenizer
+    engine = Engine(model, tok, prepack=True)
+    assert isinstance(engine._fast_step, native.NativeDecoder)
+    assert not engine._fast_step.usable()  # autograd on: a training step, not decoding
+    params = SamplingParams(max_new_tokens=12)
+    gens = engine.generate(PROMPTS, params)
+    assert all(len(g.tokens) == 12 or g.finish_reason != "length" for g in gens)
+    with torch.no_grad():
+        assert engine._fast_step.usable()
+        model.layers[0].attention.wk.weight.add_(0.5)  # in place: the pack is now stale
+        assert not engine._fast_step.usable()
+    plain = Engine(model, tok, prepack=False)
+    assert [g.tokens for g in engine.generate(PROMPTS, params)] == [g.tokens for g in plain.generate(PROMPTS, params)]
+
+
+def test_the_native_step_can_be_turned_off(monkeypatch, bf16):
+    native.library.cache_clear()
+    monkeypatch.setenv("DROMEDARY_NATIVE", "0")
+    try:
+        assert native.library() is None
+        engine = Engine(bf16.model, bf16.tokenizer, prepack=True)
+        assert engine._fast_step is not None and not isinstance(engine._fast_step, native.NativeDecoder)
+    finally:
+        native.library.cache_clear()
