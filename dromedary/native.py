@@ -182,6 +182,9 @@ class NativeDecoder:
         self.final_norm = model.norm.weight
         self.ffn = model.layers[0].feed_forward.w1.weight.shape[0]
         self.rope = torch.view_as_real(model.rope(model.output.weight.device)).contiguous()
+        self._prefix_of: Optional[list] = None  # the prefix cache whose packs are below
+        self._prefix_packed: tuple[torch.Tensor, ...] = ()
+        self._prefix_pointers: list = []
         self._keep = [
             _pointers([b.attention_norm.weight for b in blocks]), _pointers([b.ffn_norm.weight for b in blocks]),
             *[_pointers(self.packs[name]) for name in ("wqkv", "wo", "w13", "w2")],
@@ -229,18 +232,30 @@ class NativeDecoder:
         k0 = cache.k[0]
         if not all(t.is_contiguous() for t in cache.k + cache.v):
             raise ValueError("the native step needs contiguous cache tensors")
-        prefix = bool(cache.prefix_k)
-        if prefix and not all(t.is_contiguous() for t in cache.prefix_k + cache.prefix_v):
-            cache.prefix_k = [t.contiguous() for t in cache.prefix_k]
-            cache.prefix_v = [t.contiguous() for t in cache.prefix_v]
         keep = [_pointers(cache.k), _pointers(cache.v)]
-        if prefix:
-            keep += [_pointers(cache.prefix_k), _pointers(cache.prefix_v)]
+        if cache.prefix_k:
+            keep += self._prefix_packs(cache)
         spec = _Step(
-            bsz, torch.get_num_threads(), x.data_ptr(), slot.data_ptr(), pos.data_ptr(), self.rope.data_ptr(), keep[0], keep[1],
-            k0.stride(0), k0.stride(1), keep[2] if prefix else None, keep[3] if prefix else None,
-            cache.prefix_len if prefix else 0, max(slots) + 1, logits.data_ptr(),
+            bsz, torch.get_num_threads(), x.data_ptr(), slot.data_ptr(), pos.data_ptr(), self.rope.data_ptr(),
+            keep[0], keep[1], k0.stride(0), k0.stride(1), *(keep[2:] or [None, None]), cache.prefix_len,
+            max(slots) + 1, logits.data_ptr(),
         )
         if self.lib.dromedary_decode_step(ctypes.byref(self.spec), ctypes.byref(spec)) != 0:
             raise MemoryError("the native decoding step could not allocate its scratch memory")
         return logits
+
+    def _prefix_packs(self, cache: KVCache) -> list:
+        """Pointers to the shared prefix's keys and values packed for the step's products (see
+        decode_cpu.c's Step): made once per prefix, which the engine keeps across calls."""
+        if self._prefix_of is not cache.prefix_k:
+            k = torch.stack(cache.prefix_k).squeeze(1)  # (L, kvh, P, hd)
+            n_layers, kvh, p_len, hd = k.shape
+            k = F.pad(k, (0, 0, 0, -p_len % 16))
+            k = k.view(n_layers, kvh, -1, 16, hd // 2, 2).transpose(3, 4).contiguous()
+            v = torch.stack(cache.prefix_v).squeeze(1).transpose(-1, -2)  # (L, kvh, hd, P)
+            v = F.pad(v, (0, -p_len % 32, 0, -hd % 16))
+            v = v.reshape(n_layers, kvh, -1, 16, v.shape[-1] // 2, 2).transpose(3, 4).contiguous()
+            self._prefix_packed = (k, v)
+            self._prefix_pointers = [_pointers(list(k)), _pointers(list(v))]
+            self._prefix_of = cache.prefix_k
+        return self._prefix_pointers

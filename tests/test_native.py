@@ -115,6 +115,23 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(bf16, lib, amx):
     assert torch.equal(together, torch.cat(alone))
 
 
+def test_a_new_shared_prefix_is_packed_afresh(bf16, lib):
+    # The step packs the prefix once and keeps it while the engine reuses the same prefix cache.
+    model = bf16.model
+    step = native.NativeDecoder.build(model)
+    slots = [4, 6]
+    with torch.inference_mode():
+        first, tokens, _ = _filled_cache(model, slots, with_prefix=True, seed=1)
+        second, _, _ = _filled_cache(model, slots, with_prefix=True, seed=2)
+        step.step(tokens, slots, _twin(first))
+        again = step.step(tokens, slots, _twin(first))
+        got = step.step(tokens, slots, _twin(second))
+        fresh = native.NativeDecoder.build(model).step(tokens, slots, _twin(second))
+        assert torch.equal(again, native.NativeDecoder.build(model).step(tokens, slots, _twin(first)))
+    assert torch.equal(got, fresh)
+    assert not torch.equal(got, again)
+
+
 def test_engine_decodes_natively_and_steps_aside_when_a_weight_changes(bf16, lib):
     model, tok = bf16.model, bf16.tokenizer
     engine = Engine(model, tok, prepack=True)

@@ -4,8 +4,9 @@
  * tensor ops per layer between the projections, each a dispatch whose code and data the weight
  * stream has just pushed out of the caches, and the projections themselves (oneDNN) reach ~75%
  * of the read bandwidth in that company. Here a step is one call: one OpenMP region in which the
- * threads split each projection by output columns and the attention by (head, row), meeting at a
- * barrier between stages.
+ * threads split each projection by output columns and the attention by kv head, meeting at a
+ * barrier between stages. The shared prefix's keys and values are packed like weights (by
+ * native.py, once per prefix), so its part of the attention is two more products.
  *
  * Arithmetic follows the PyTorch forward (dromedary/model.py) rounding for rounding: every
  * tensor the forward keeps in bf16 is rounded to bf16 here at the same point (RMSNorm output,
@@ -54,8 +55,11 @@ typedef struct {
     bf16 *const *k_cache;  /* per layer: (B, kvh, S, head_dim) rows' own keys */
     bf16 *const *v_cache;
     int64_t cache_row, cache_head;      /* strides in elements; a slot's stride is head_dim */
-    const bf16 *const *prefix_k;        /* per layer: (kvh, P, head_dim), or NULL */
-    const bf16 *const *prefix_v;
+    const bf16 *const *prefix_k;        /* per layer: the shared prefix's keys, packed per kv head as
+                                           weights of P outputs x head_dim inputs; or NULL */
+    const bf16 *const *prefix_v;        /* per layer: its values transposed, packed per kv head as
+                                           weights of head_dim outputs x P' inputs (P' = P rounded
+                                           up to 32, zero past P) */
     int64_t prefix_len;                 /* P */
     int64_t max_span;                   /* max(slot) + 1 */
     bf16 *logits;                       /* (B, vocab) out */
@@ -236,41 +240,41 @@ static void gemm_amx_blocks(const bf16 *P, int K, const bf16 *xpad, int rows, fl
     }
 }
 
-static void gemm_amx(const bf16 *P, int K, const bf16 *x, int B, bf16 *xpad, float *ctile, float *y, int64_t ldy,
-                     int N) {
-    int blocks = (N + 15) / 16, pairs = (blocks + 1) / 2;
-    for (int r0 = 0; r0 < B; r0 += 16) {
-        int rows = B - r0 < 16 ? B - r0 : 16;
-        memcpy(xpad, x + (int64_t)r0 * K, sizeof(bf16) * rows * K);
-        memset(xpad + (int64_t)rows * K, 0, sizeof(bf16) * (16 - rows) * K);
-        #pragma omp for schedule(static) nowait
-        for (int g = 0; g < pairs; g++)
-            gemm_amx_blocks(P, K, xpad, rows, ctile, y + r0 * ldy, ldy, N, 2 * g, 2 * g + 1 < blocks);
-        #pragma omp barrier
+/* Output blocks [first, last) of y = x @ W^T, by the calling thread alone. scratch: room for x in
+ * fp32, (B, K), or for 16 zero-padded rows of x in bf16 and one output tile. */
+static void gemm_blocks(const bf16 *P, int K, const bf16 *x, int B, float *scratch, float *y, int64_t ldy, int N,
+                        int first, int last) {
+    if (first >= last) return;
+    if (use_amx && K % 32 == 0) {
+        bf16 *xpad = (bf16 *)scratch;
+        float *ctile = scratch + 8 * (int64_t)K;
+        for (int r0 = 0; r0 < B; r0 += 16) {
+            int rows = B - r0 < 16 ? B - r0 : 16;
+            memcpy(xpad, x + (int64_t)r0 * K, sizeof(bf16) * rows * K);
+            memset(xpad + (int64_t)rows * K, 0, sizeof(bf16) * (16 - rows) * K);
+            for (int nb = first; nb < last; nb += 2)
+                gemm_amx_blocks(P, K, xpad, rows, ctile, y + r0 * ldy, ldy, N, nb, nb + 1 < last);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < (int64_t)B * K; i++) scratch[i] = bf16_to_f32(x[i]);
+    int NB = B <= 4 ? 4 : 2;
+    for (int nb = first; nb < last; nb += NB) {
+        if (nb + NB <= last) {
+            gemm_rows(P, K, scratch, K, B, y, ldy, N, nb, NB);
+        } else {
+            for (int i = nb; i < last; i++) gemm_rows(P, K, scratch, K, B, y, ldy, N, i, 1);
+        }
     }
 }
 
-/* Called inside a parallel region by every thread: the output blocks are split between them.
- * xf: this thread's scratch for x in fp32, (B, K). */
-static void gemm(const bf16 *P, int K, const bf16 *x, int B, float *xf, float *y, int64_t ldy, int N) {
-    if (use_amx && K % 32 == 0) {
-        /* xf is (B, K) fp32: room for 16 rows of bf16 and one fp32 output tile */
-        gemm_amx(P, K, x, B, (bf16 *)xf, xf + 8 * K, y, ldy, N);
-        return;
-    }
-    for (int64_t i = 0; i < (int64_t)B * K; i++) xf[i] = bf16_to_f32(x[i]);
-    int blocks = (N + 15) / 16;
-    int NB = B <= 4 ? 4 : 2;
-    int groups = (blocks + NB - 1) / NB;
-    #pragma omp for schedule(static) nowait
-    for (int g = 0; g < groups; g++) {
-        int nb = g * NB;
-        if (nb + NB <= blocks) {
-            gemm_rows(P, K, xf, K, B, y, ldy, N, nb, NB);
-        } else {
-            for (; nb < blocks; nb++) gemm_rows(P, K, xf, K, B, y, ldy, N, nb, 1);
-        }
-    }
+/* Called inside a parallel region by every thread: the output blocks are split between them in
+ * runs of 4 (whole tiles of either kernel), then all meet at a barrier. */
+static void gemm(const bf16 *P, int K, const bf16 *x, int B, float *scratch, float *y, int64_t ldy, int N) {
+    int blocks = (N + 15) / 16, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int per = ((blocks + nt - 1) / nt + 3) & ~3;
+    int first = t * per < blocks ? t * per : blocks, last = first + per < blocks ? first + per : blocks;
+    gemm_blocks(P, K, x, B, scratch, y, ldy, N, first, last);
     #pragma omp barrier
 }
 
@@ -340,38 +344,80 @@ static inline float dot_bf16(const bf16 *a, const bf16 *b, int n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-static void attend(const bf16 *q, const bf16 *pk, const bf16 *pv, int64_t P, const bf16 *k, const bf16 *v,
-                   int64_t span, int hd, float *s, bf16 *out) {
+/* Attention of the M = B x rep query rows that read kv head g (row m = b * rep + r is head
+ * g * rep + r of batch row b), each over the shared prefix and its own keys [0, slot + 1), under
+ * one softmax. The prefix part is two products on the packed prefix (scores = q K^T, then
+ * probabilities in bf16 @ V, as PyTorch's CPU flash kernel rounds them for bf16); the few own keys
+ * are walked one by one. */
+typedef struct {
+    bf16 *q;       /* (M, hd) */
+    float *s;      /* (M, P + max_span) scores, then probabilities */
+    bf16 *p;       /* (M, P') prefix probabilities in bf16 */
+    float *o;      /* (M, hd) */
+    float *inv;    /* (M) 1 / the softmax's sum */
+    float *gemm;   /* gemm_blocks scratch */
+} AttnScratch;
+
+static void attend_group(const Step *st, int l, int g, int B, int H, int rep, int hd, const bf16 *q, const bf16 *kc,
+                         const bf16 *vc, AttnScratch *w, bf16 *att) {
+    const int M = B * rep;
+    const int64_t P = st->prefix_k ? st->prefix_len : 0, Pp = (P + 31) / 32 * 32, ld = P + st->max_span;
     const float scale = 1.0f / sqrtf((float)hd);
-    int64_t n = P + span;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < P; j++) {
-        s[j] = dot_bf16(q, pk + j * hd, hd) * scale;
-        mx = s[j] > mx ? s[j] : mx;
+    const int chunks = (hd + 15) / 16;
+    for (int m = 0; m < M; m++) memcpy(w->q + (int64_t)m * hd, q + ((int64_t)(m / rep) * H + g * rep + m % rep) * hd, sizeof(bf16) * hd);
+    if (P) {
+        const bf16 *kp = st->prefix_k[l] + (int64_t)g * ((P + 15) / 16 * 16) * hd;
+        gemm_blocks(kp, hd, w->q, M, w->gemm, w->s, ld, (int)P, 0, (int)((P + 15) / 16));
     }
-    for (int64_t j = 0; j < span; j++) {
-        s[P + j] = dot_bf16(q, k + j * hd, hd) * scale;
-        mx = s[P + j] > mx ? s[P + j] : mx;
+    for (int m = 0; m < M; m++) {
+        const int b = m / rep;
+        const int64_t span = st->slot[b] + 1, n = P + span;
+        const int64_t base = b * st->cache_row + g * st->cache_head;
+        float *s = w->s + m * ld;
+        const bf16 *qm = w->q + (int64_t)m * hd;
+        for (int64_t j = 0; j < span; j++) s[P + j] = dot_bf16(qm, kc + base + j * hd, hd);
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 mk = tail16((int)(n - j < 16 ? n - j : 16));
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + j), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(s + j, mk, v);
+            mx = _mm512_mask_max_ps(mx, mk, mx, v);
+        }
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 mk = tail16((int)(n - j < 16 ? n - j : 16));
+            __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), top)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(s + j, mk, to_bf16_and_back(e));
+        }
+        float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        bf16 *pm = w->p + m * Pp;
+        for (int64_t j = 0; j < P; j++) pm[j] = f32_to_bf16(s[j]); /* exact: already bf16 values */
+        for (int64_t j = P; j < Pp; j++) pm[j] = 0;
+        w->inv[m] = inv;
     }
-    __m512 sum = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j < n; j += 16) {
-        __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(mx)));
-        e = _mm512_maskz_mov_ps(m, e);
-        _mm512_mask_storeu_ps(s + j, m, e);
-        sum = _mm512_add_ps(sum, e);
+    if (P) {
+        const int hd16 = (hd + 15) / 16 * 16;
+        const bf16 *vt = st->prefix_v[l] + (int64_t)g * hd16 * Pp;
+        gemm_blocks(vt, (int)Pp, w->p, M, w->gemm, w->o, hd, hd, 0, hd16 / 16);
+    } else {
+        memset(w->o, 0, sizeof(float) * (size_t)M * hd);
     }
-    __m512 acc[16];
-    int chunks = (hd + 15) / 16;
-    for (int c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t++) {
-        const bf16 *row = t < P ? pv + t * hd : v + (t - P) * hd;
-        __m512 p = _mm512_set1_ps(s[t]);
-        for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load16(row + 16 * c, tail16(hd - 16 * c)), acc[c]);
+    for (int m = 0; m < M; m++) {
+        const int b = m / rep;
+        const int64_t span = st->slot[b] + 1, base = b * st->cache_row + g * st->cache_head;
+        const float *s = w->s + m * ld;
+        __m512 acc[16];
+        for (int c = 0; c < chunks; c++) acc[c] = _mm512_maskz_loadu_ps(tail16(hd - 16 * c), w->o + (int64_t)m * hd + 16 * c);
+        for (int64_t j = 0; j < span; j++) {
+            const bf16 *row = vc + base + j * hd;
+            __m512 p = _mm512_set1_ps(s[P + j]);
+            for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load16(row + 16 * c, tail16(hd - 16 * c)), acc[c]);
+        }
+        __m512 inv = _mm512_set1_ps(w->inv[m]);
+        bf16 *out = att + ((int64_t)b * H + g * rep + m % rep) * hd;
+        for (int c = 0; c < chunks; c++) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv), tail16(hd - 16 * c));
     }
-    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int c = 0; c < chunks; c++) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv), tail16(hd - 16 * c));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -384,25 +430,38 @@ int dromedary_decode_step(const Model *m, const Step *st) {
     if (wide < m->vocab) wide = m->vocab;
     int feat = dim > ffn ? dim : ffn;
     if (feat < H * hd) feat = H * hd;
-    /* Scratch: normed input / silu product (B, feat) bf16, projection outputs (B, wide) fp32,
-     * attention output (B, H * hd) bf16, q (B, H, hd) bf16, scores per thread. */
+    /* Shared: normed input / silu product (B, feat) bf16, projection outputs (B, wide) fp32,
+     * attention output (B, H * hd) bf16, q (B, H, hd) bf16. Per thread: the attention's and the
+     * products' scratch. */
+    const int M = B * rep;
+    const int64_t P = st->prefix_k ? st->prefix_len : 0, Pp = (P + 31) / 32 * 32, ld = P + st->max_span;
+    int64_t gemm_len = (int64_t)(B > 16 ? B : 16) * feat;
+    int64_t gemm_attn = (int64_t)(M > 16 ? M : 16) * (Pp > hd ? Pp : hd);
+    gemm_len = (gemm_len > gemm_attn ? gemm_len : gemm_attn) + 256;
+    const int64_t per_thread = gemm_len + (int64_t)M * ld + (int64_t)M * hd + M + 16 /* floats */
+                               + ((int64_t)M * hd + (int64_t)M * Pp + 32) / 2 /* bf16 pairs */;
     bf16 *xn = malloc(sizeof(bf16) * (size_t)B * feat);
     float *y = malloc(sizeof(float) * (size_t)B * wide);
     bf16 *att = malloc(sizeof(bf16) * (size_t)B * H * hd);
     bf16 *q = malloc(sizeof(bf16) * (size_t)B * H * hd);
     int threads = st->threads > 0 ? st->threads : 1;
-    int64_t score_len = st->prefix_len + st->max_span + 16;
-    float *scores = malloc(sizeof(float) * (size_t)threads * score_len);
-    int64_t xf_len = (int64_t)(B > 16 ? B : 16) * feat + 256; /* x in fp32, or 16 padded bf16 rows + a tile */
-    float *xfs = malloc(sizeof(float) * (size_t)threads * xf_len);
-    if (!xn || !y || !att || !q || !scores || !xfs) {
-        free(xn); free(y); free(att); free(q); free(scores); free(xfs);
+    float *work = malloc(sizeof(float) * (size_t)threads * per_thread);
+    if (!xn || !y || !att || !q || !work) {
+        free(xn); free(y); free(att); free(q); free(work);
         return 1;
     }
     #pragma omp parallel num_threads(threads)
     {
-        float *s = scores + (int64_t)omp_get_thread_num() * score_len;
-        float *xf = xfs + (int64_t)omp_get_thread_num() * xf_len;
+        float *mine = work + (int64_t)omp_get_thread_num() * per_thread;
+        float *xf = mine;
+        AttnScratch w = {
+            .gemm = mine,
+            .s = mine + gemm_len,
+            .o = mine + gemm_len + M * ld,
+            .inv = mine + gemm_len + M * ld + (int64_t)M * hd,
+            .q = (bf16 *)(mine + gemm_len + M * ld + (int64_t)M * hd + M + 16),
+        };
+        w.p = w.q + (int64_t)M * hd + 32;
         if (use_amx) tiles_configure();
         for (int l = 0; l < m->n_layers; l++) {
             bf16 *kc = st->k_cache[l], *vc = st->v_cache[l];
@@ -421,16 +480,9 @@ int dromedary_decode_step(const Model *m, const Step *st) {
                     for (int i = 0; i < hd; i++) vc[at + i] = f32_to_bf16(yb[(H + kvh + g) * hd + i]);
                 }
             }
-            /* Attention: items (head, row), head-major so that a thread reuses a head's prefix. */
+            /* Attention: one kv head (all rows, all its query heads) per item. */
             #pragma omp for schedule(static)
-            for (int it = 0; it < H * B; it++) {
-                int h = it / B, b = it % B, g = h / rep;
-                const bf16 *pk = st->prefix_k ? st->prefix_k[l] + (int64_t)g * st->prefix_len * hd : NULL;
-                const bf16 *pv = st->prefix_v ? st->prefix_v[l] + (int64_t)g * st->prefix_len * hd : NULL;
-                int64_t base = b * st->cache_row + g * st->cache_head;
-                attend(q + ((int64_t)b * H + h) * hd, pk, pv, st->prefix_k ? st->prefix_len : 0, kc + base, vc + base,
-                       st->slot[b] + 1, hd, s, att + ((int64_t)b * H + h) * hd);
-            }
+            for (int g = 0; g < kvh; g++) attend_group(st, l, g, B, H, rep, hd, q, kc, vc, &w, att);
             gemm(m->wo[l], H * hd, att, B, xf, y, dim, dim);
             #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) {
@@ -459,6 +511,6 @@ int dromedary_decode_step(const Model *m, const Step *st) {
         }
         if (use_amx) _tile_release();
     }
-    free(xn); free(y); free(att); free(q); free(scores); free(xfs);
+    free(xn); free(y); free(att); free(q); free(work);
     return 0;
 }
