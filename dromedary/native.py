@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .default_model import cache_root
-from .model import KVCache, Transformer
+from .model import ColumnParallelLinear, KVCache, RowParallelLinear, Transformer
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
@@ -198,12 +198,16 @@ class NativeDecoder:
         w = model.output.weight
         if w.device.type != "cpu" or w.dtype != torch.bfloat16 or model.mp_size != 1:
             return None
+        read_as_is = [model.tok_embeddings.weight, model.norm.weight]
+        read_as_is += [t for b in model.layers for t in (b.attention_norm.weight, b.ffn_norm.weight)]
+        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in read_as_is):
+            return None
         if model.args.dim % 2 or model.output.weight.shape[0] != model.args.vocab_size:
             return None
-        if any(type(m).__name__ not in ("ColumnParallelLinear", "RowParallelLinear") or m.bias is not None
+        if any(type(m) not in (ColumnParallelLinear, RowParallelLinear) or m.bias is not None
                for b in model.layers for m in (b.attention.wq, b.attention.wk, b.attention.wv, b.attention.wo,
                                                 b.feed_forward.w1, b.feed_forward.w2, b.feed_forward.w3)):
-            return None
+            return None  # e.g. LoRA-wrapped: the packs would leave the adapter out
         if model.layers[0].feed_forward.w1.weight.shape[0] % 2 or model.args.head_size % 2 or model.args.head_size > 256:
             return None  # the kernel takes inputs in pairs and keeps a head's output in 16 registers
         lib = library()
