@@ -4,9 +4,10 @@
 attention over the shared prefix and the row's own keys, SwiGLU, residuals) and the output
 projection inside one OpenMP region; see its header for why and for the weight layout. It is
 compiled on first use with the system C compiler ($CC, else cc; about a second) into the cache
-directory the default model uses, and runs on `torch.get_num_threads()` OpenMP threads (PyTorch's
-own runtime where PyTorch links the system libgomp, as its CPU builds here do). Products run on the AMX tile unit where the CPU has one
-(DROMEDARY_NATIVE_AMX=0 keeps them on AVX512 FMAs).
+directory the default model uses. It runs on `torch.get_num_threads()` OpenMP threads, in
+PyTorch's own OpenMP runtime where PyTorch ships libgomp under its usual name (the CPU wheel of
+torch 2.13 does; the library then links to the copy already loaded). Products run on the AMX tile
+unit where the CPU has one (DROMEDARY_NATIVE_AMX=0 keeps them on AVX512 FMAs).
 
 `NativeDecoder.step` has `LeanDecoder.step`'s contract: same inputs, the same logits up to bf16
 rounding (sums run in another order; tests compare both). It is used only where it applies: a
