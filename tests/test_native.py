@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from dromedary import builder, native
+from dromedary import builder, checkpoint, native
 from dromedary.generation import Engine, SamplingParams
-from dromedary.model import KVCache
+from dromedary.model import KVCache, ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -27,6 +27,23 @@ def lib():
 @pytest.fixture
 def bf16(ckpts, lib):
     return builder.build(str(ckpts["gqa_meta"]), model_parallel_size=1, dtype="bf16", device="cpu")
+
+
+@pytest.fixture(params=["head16", "head64"])
+def model(request, bf16):
+    """The GQA test checkpoint (head_dim 16, FFN 170: products on FMAs even with AMX) and a model
+    with LLaMA's multiples of 32 (head_dim 64, FFN 512: every product on AMX tiles where present)."""
+    if request.param == "head16":
+        return bf16.model
+    args = ModelArgs(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=bf16.model.args.vocab_size,
+                     multiple_of=256, norm_eps=1e-5, max_seq_len=256)
+    state = checkpoint.init_state(args, seed=3, std=0.1)
+    for name, t in state.items():
+        if "norm" in name:
+            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(len(name))))
+    m = Transformer(args)
+    m.load_state_dict(state)
+    return m.to(torch.bfloat16).eval()
 
 
 def test_pack_puts_sixteen_rows_by_column_pairs_in_each_block():
@@ -61,13 +78,12 @@ def _twin(cache):
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
 @pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix", "no-prefix"])
 @pytest.mark.parametrize("slots", [[5, 5, 5], [3, 9, 5, 1]], ids=["uniform", "ragged"])
-def test_native_step_is_as_accurate_as_the_pytorch_step(bf16, lib, amx, with_prefix, slots):
+def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, amx, with_prefix, slots):
     # Against the same bf16 weights run in fp32, the native step's error is no larger than the
     # PyTorch bf16 forward's (they round at the same points; only the order of sums differs).
     if amx and not native.set_amx(lib, True):
         pytest.skip("this CPU has no AMX")
     native.set_amx(lib, amx)
-    model = bf16.model
     step = native.NativeDecoder.build(model)
     exact = copy.deepcopy(model).float()
     with torch.inference_mode():
@@ -96,12 +112,11 @@ def test_native_step_is_as_accurate_as_the_pytorch_step(bf16, lib, amx, with_pre
 
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
-def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(bf16, lib, amx):
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(model, lib, amx):
     # 19 rows: more than one group of rows in both kernels, ragged slots.
     if amx and not native.set_amx(lib, True):
         pytest.skip("this CPU has no AMX")
     native.set_amx(lib, amx)
-    model = bf16.model
     step = native.NativeDecoder.build(model)
     slots = [(7 * i) % 11 + 1 for i in range(19)]
     with torch.inference_mode():
