@@ -165,17 +165,34 @@ PACKED_MAX_ROWS = 256
 
 
 @dataclass
+class PackedFrom:
+    """The projections a packed copy of weights was made from, in order. The copy is stale once
+    any of them changed: a layer replaced (e.g. LoRA-wrapped), its weight reassigned, or updated
+    in place (its `_version` moved)."""
+
+    layers: tuple[nn.Module, ...]
+    weights: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    @classmethod
+    def of(cls, *layers: nn.Module) -> "PackedFrom":
+        weights = tuple(m.weight for m in layers)
+        return cls(layers, weights, tuple(w._version for w in weights))
+
+    def current(self, layers: tuple[nn.Module, ...]) -> bool:
+        return all(a is b and a.weight is w and w._version == v
+                   for a, b, w, v in zip(layers, self.layers, self.weights, self.versions))
+
+
+@dataclass
 class _Packed:
     weight: torch.Tensor  # opaque oneDNN tensor: the layers' (out, in) weights stacked by rows
-    layers: tuple[nn.Module, ...]  # the fairscale projections it was packed from, in order
-    versions: tuple[int, ...]  # their weights' _version when packed: an in-place update makes it stale
-    sources: tuple[torch.Tensor, ...]  # their weights when packed: a reassigned weight makes it stale
+    source: PackedFrom
     combine: Optional[Callable[[torch.Tensor], torch.Tensor]]  # fairscale's all-reduce / gather (MP > 1)
 
     def usable(self, layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
         return (not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
-                and all(a is b and a.weight is w and w._version == v
-                        for a, b, w, v in zip(layers, self.layers, self.sources, self.versions)))
+                and self.source.current(layers))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
@@ -207,10 +224,10 @@ def prepack_weights(model: "Transformer", batch_hint: int = 8) -> int:
             combine = fs_mappings.reduce_from_model_parallel_region
         elif parallel and layers[0].gather_output:
             combine = fs_mappings.gather_from_model_parallel_region
-        weights = tuple(m.weight for m in layers)
-        stacked = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+        source = PackedFrom.of(*layers)
+        stacked = torch.cat([w.detach() for w in source.weights]) if len(layers) > 1 else source.weights[0].detach()
         blocked = torch.ops.mkldnn._reorder_linear_weight(stacked, batch_hint)
-        return _Packed(blocked, layers, tuple(w._version for w in weights), weights, combine)
+        return _Packed(blocked, source, combine)
 
     drop_packed_weights(model)
     packs = {model.output: pack(model.output)}
@@ -221,7 +238,7 @@ def prepack_weights(model: "Transformer", batch_hint: int = 8) -> int:
     for owner, packed in packs.items():
         if packed is not None:
             owner._packed = packed
-            added += sum(w.numel() * w.element_size() for w in packed.sources)
+            added += sum(w.numel() * w.element_size() for w in packed.source.weights)
     return added
 
 

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .default_model import cache_root
-from .model import ColumnParallelLinear, KVCache, RowParallelLinear, Transformer
+from .model import ColumnParallelLinear, KVCache, PackedFrom, RowParallelLinear, Transformer
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
@@ -140,24 +139,6 @@ def _pointers(tensors: Sequence[torch.Tensor]):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-@dataclass
-class _Source:
-    """The projections a pack was made from; the pack is stale once any of them changed."""
-
-    layers: tuple[torch.nn.Module, ...]
-    weights: tuple[torch.Tensor, ...]
-    versions: tuple[int, ...]
-
-    @classmethod
-    def of(cls, *layers: torch.nn.Module) -> "_Source":
-        weights = tuple(m.weight for m in layers)
-        return cls(layers, weights, tuple(w._version for w in weights))
-
-    def current(self, *layers: torch.nn.Module) -> bool:
-        return all(a is b and a.weight is w and w._version == v
-                   for a, b, w, v in zip(layers, self.layers, self.weights, self.versions))
-
-
 class NativeDecoder:
     @torch.no_grad()
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
@@ -169,16 +150,16 @@ class NativeDecoder:
         self.head_dim = args.head_size
         blocks = list(model.layers)
         # (the projections' current modules, read afresh at each check; what was packed from them)
-        self.sources: list[tuple[Callable[[], tuple[torch.nn.Module, ...]], _Source]] = []
+        self.sources: list[tuple[Callable[[], tuple[torch.nn.Module, ...]], PackedFrom]] = []
         self.packs: dict[str, list[torch.Tensor]] = {name: [] for name in ("wqkv", "wo", "w13", "w2")}
         for block in blocks:
             a, f = block.attention, block.feed_forward
             for name, now in (("wqkv", lambda a=a: (a.wq, a.wk, a.wv)), ("wo", lambda a=a: (a.wo,)),
                               ("w13", lambda f=f: (f.w1, f.w3)), ("w2", lambda f=f: (f.w2,))):
                 self.packs[name].append(pack(torch.cat([m.weight for m in now()])))
-                self.sources.append((now, _Source.of(*now())))
+                self.sources.append((now, PackedFrom.of(*now())))
         self.output = pack(model.output.weight)
-        self.sources.append((lambda: (model.output,), _Source.of(model.output)))
+        self.sources.append((lambda: (model.output,), PackedFrom.of(model.output)))
         self.norms = [(b, b.attention_norm.weight, b.ffn_norm.weight) for b in blocks]
         self.final_norm = model.norm.weight
         self.ffn = model.layers[0].feed_forward.w1.weight.shape[0]
@@ -222,7 +203,7 @@ class NativeDecoder:
         for block, attn, ffn in self.norms:
             if block.attention_norm.weight is not attn or block.ffn_norm.weight is not ffn:
                 return False
-        return all(source.current(*now()) for now, source in self.sources)
+        return all(source.current(now()) for now, source in self.sources)
         return True
 
     def step(self, tokens: torch.Tensor, slots: Sequence[int], cache: KVCache) -> torch.Tensor:
