@@ -186,10 +186,9 @@ static void gemm_rows(const bf16 *P, int K, const float *x, int64_t ldx, int B, 
     }
 }
 
-/* With AMX (Sapphire Rapids and later) the tile unit takes the products: the packed blocks are
- * already its B-operand layout (16 rows of 16 columns x 2 inputs = 32 inputs per tile), the rows
- * of x (zero-padded to 16) are the A operand, so each 2 KB of weights is one tile product. The
- * caller pads x; K must be a multiple of 32. */
+/* With AMX (Sapphire Rapids and later) the tile unit takes the products: 16 consecutive pairs of
+ * a packed block are its B operand as they lie (1 KB: 16 outputs x 32 inputs), 16 rows of x
+ * (zero-padded) the A operand. The caller pads x; K must be a multiple of 32. */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -213,27 +212,45 @@ static void tiles_configure(void) {
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 5; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    for (int t = 0; t < 7; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
 }
 
+/* `count` (1..4) blocks from block nb on, accumulated in tiles 0..3: four independent chains of
+ * tile products; tile 4 holds x, tiles 5 and 6 the weights in turn. */
 static void gemm_amx_blocks(const bf16 *P, int K, const bf16 *xpad, int rows, float *ctile, float *y, int64_t ldy,
-                            int N, int nb, int two) {
+                            int N, int nb, int count) {
     const int64_t block = (int64_t)K * 16; /* elements per packed block of 16 columns */
-    const bf16 *b0 = P + nb * block, *b1 = b0 + block;
+    const bf16 *w = P + nb * block;
     _tile_zero(0);
     _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int k = 0; k < K; k += 32) {
-        _tile_loadd(2, xpad + k, K * 2);
-        _tile_loadd(3, b0 + (int64_t)k * 16, 64);
-        _tile_dpbf16ps(0, 2, 3);
-        if (two) {
-            _tile_loadd(4, b1 + (int64_t)k * 16, 64);
-            _tile_dpbf16ps(1, 2, 4);
+        const int64_t at = (int64_t)k * 16;
+        _tile_loadd(4, xpad + k, K * 2);
+        _tile_loadd(5, w + at, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (count > 1) {
+            _tile_loadd(6, w + block + at, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (count > 2) {
+            _tile_loadd(5, w + 2 * block + at, 64);
+            _tile_dpbf16ps(2, 4, 5);
+        }
+        if (count > 3) {
+            _tile_loadd(6, w + 3 * block + at, 64);
+            _tile_dpbf16ps(3, 4, 6);
         }
     }
-    for (int t = 0; t <= two; t++) {
-        if (t == 0) _tile_stored(0, ctile, 64); else _tile_stored(1, ctile, 64);
+    for (int t = 0; t < count; t++) {
+        switch (t) {
+        case 0: _tile_stored(0, ctile, 64); break;
+        case 1: _tile_stored(1, ctile, 64); break;
+        case 2: _tile_stored(2, ctile, 64); break;
+        default: _tile_stored(3, ctile, 64); break;
+        }
         int col = (nb + t) * 16;
         int n = N - col < 16 ? N - col : 16;
         for (int r = 0; r < rows; r++) memcpy(y + r * ldy + col, ctile + r * 16, sizeof(float) * n);
@@ -241,20 +258,23 @@ static void gemm_amx_blocks(const bf16 *P, int K, const bf16 *xpad, int rows, fl
 }
 
 /* Output blocks [first, last) of y = x @ W^T, by the calling thread alone. scratch: room for x in
- * fp32, (B, K), or for 16 zero-padded rows of x in bf16 and one output tile. */
+ * fp32, (max(B, 16), K), which also holds x in bf16 padded to a multiple of 16 rows and one
+ * output tile. */
 static void gemm_blocks(const bf16 *P, int K, const bf16 *x, int B, float *scratch, float *y, int64_t ldy, int N,
                         int first, int last) {
     if (first >= last) return;
     if (use_amx && K % 32 == 0) {
+        /* x zero-padded to whole groups of 16 rows; each run of four blocks is read from memory
+         * once and from the cache for the groups after the first. */
+        const int64_t padded = (B + 15) / 16 * 16;
         bf16 *xpad = (bf16 *)scratch;
-        float *ctile = scratch + 8 * (int64_t)K;
-        for (int r0 = 0; r0 < B; r0 += 16) {
-            int rows = B - r0 < 16 ? B - r0 : 16;
-            memcpy(xpad, x + (int64_t)r0 * K, sizeof(bf16) * rows * K);
-            memset(xpad + (int64_t)rows * K, 0, sizeof(bf16) * (16 - rows) * K);
-            for (int nb = first; nb < last; nb += 2)
-                gemm_amx_blocks(P, K, xpad, rows, ctile, y + r0 * ldy, ldy, N, nb, nb + 1 < last);
-        }
+        float *ctile = scratch + padded * K / 2;
+        memcpy(xpad, x, sizeof(bf16) * B * K);
+        memset(xpad + (int64_t)B * K, 0, sizeof(bf16) * (padded - B) * K);
+        for (int nb = first; nb < last; nb += 4)
+            for (int r0 = 0; r0 < B; r0 += 16)
+                gemm_amx_blocks(P, K, xpad + (int64_t)r0 * K, B - r0 < 16 ? B - r0 : 16, ctile, y + r0 * ldy, ldy, N, nb,
+                                last - nb < 4 ? last - nb : 4);
         return;
     }
     for (int64_t i = 0; i < (int64_t)B * K; i++) scratch[i] = bf16_to_f32(x[i]);
