@@ -128,11 +128,11 @@ def set_amx(lib: ctypes.CDLL, on: bool) -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) bf16 -> blocks of 16 rows by pairs of columns, (ceil(N/16), K/2, 16, 2): element
-    [nb, j, c, e] is weight[16 nb + c, 2 j + e] (rows past N are zero)."""
-    n, k = weight.shape
+    """(..., N, K) bf16 -> blocks of 16 rows by pairs of columns, (..., ceil(N/16), K/2, 16, 2):
+    element [..., nb, j, c, e] is weight[..., 16 nb + c, 2 j + e] (rows past N are zero)."""
+    *lead, n, k = weight.shape
     padded = F.pad(weight.detach(), (0, 0, 0, -n % 16))
-    return padded.view(-1, 16, k // 2, 2).transpose(1, 2).contiguous()
+    return padded.reshape(*lead, -1, 16, k // 2, 2).transpose(-3, -2).contiguous()
 
 
 def _pointers(tensors: Sequence[torch.Tensor]):
@@ -204,7 +204,6 @@ class NativeDecoder:
             if block.attention_norm.weight is not attn or block.ffn_norm.weight is not ffn:
                 return False
         return all(source.current(now()) for now, source in self.sources)
-        return True
 
     def step(self, tokens: torch.Tensor, slots: Sequence[int], cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) for one new token per row, as `LeanDecoder.step`."""
@@ -234,13 +233,11 @@ class NativeDecoder:
         """Pointers to the shared prefix's keys and values packed for the step's products (see
         decode_cpu.c's Step): made once per prefix, which the engine keeps across calls."""
         if self._prefix_of is not cache.prefix_k:
-            k = torch.stack(cache.prefix_k).squeeze(1)  # (L, kvh, P, hd)
-            n_layers, kvh, p_len, hd = k.shape
-            k = F.pad(k, (0, 0, 0, -p_len % 16))
-            k = k.view(n_layers, kvh, -1, 16, hd // 2, 2).transpose(3, 4).contiguous()
+            # Keys as weights of P outputs x head_dim inputs; values transposed, as weights of
+            # head_dim outputs x P inputs, with zero inputs up to a multiple of 32 (whole tiles).
+            k = pack(torch.stack(cache.prefix_k).squeeze(1))  # from (L, kvh, P, hd)
             v = torch.stack(cache.prefix_v).squeeze(1).transpose(-1, -2)  # (L, kvh, hd, P)
-            v = F.pad(v, (0, -p_len % 32, 0, -hd % 16))
-            v = v.reshape(n_layers, kvh, -1, 16, v.shape[-1] // 2, 2).transpose(3, 4).contiguous()
+            v = pack(F.pad(v, (0, -v.shape[-1] % 32)))
             self._prefix_packed = (k, v)
             self._prefix_pointers = [_pointers(list(k)), _pointers(list(v))]
             self._prefix_of = cache.prefix_k

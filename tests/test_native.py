@@ -53,6 +53,8 @@ def test_pack_puts_sixteen_rows_by_column_pairs_in_each_block():
     for nb, j, c, e in [(0, 0, 0, 0), (0, 4, 15, 1), (1, 2, 3, 0), (2, 1, 4, 1)]:
         assert p[nb, j, c, e] == w[16 * nb + c, 2 * j + e]
     assert not p[2, :, 5:].any()  # rows 37..47 are zero
+    stacked = torch.randn(2, 3, 20, 8).bfloat16()  # leading dims: one pack per matrix
+    assert torch.equal(native.pack(stacked)[1, 2], native.pack(stacked[1, 2]))
 
 
 def _filled_cache(model, slots, with_prefix, seed=0):
