@@ -147,13 +147,25 @@ static inline __attribute__((always_inline)) void gemm_tile(const bf16 *P, int k
 }
 
 #define TILE(NB_, BB_) gemm_tile(P, kpairs, x + b0 * ldx, ldx, y + b0 * ldy, ldy, N, nb, NB_, BB_)
+/* The tile for bb (1..8) rows: each (NB, BB) pair is compiled with its loops unrolled. */
+#define TILE_ROWS(NB_)                                                                                      \
+    switch (bb) {                                                                                           \
+    case 1: TILE(NB_, 1); break;                                                                            \
+    case 2: TILE(NB_, 2); break;                                                                            \
+    case 3: TILE(NB_, 3); break;                                                                            \
+    case 4: TILE(NB_, 4); break;                                                                            \
+    case 5: TILE(NB_, 5); break;                                                                            \
+    case 6: TILE(NB_, 6); break;                                                                            \
+    case 7: TILE(NB_, 7); break;                                                                            \
+    default: TILE(NB_, 8); break;                                                                           \
+    }
 
 static void gemm_rows(const bf16 *P, int K, const float *x, int64_t ldx, int B, float *y, int64_t ldy, int N,
                       int nb, int NB) {
     int kpairs = K / 2;
     for (int b0 = 0; b0 < B; b0 += 8) {
         int bb = B - b0 < 8 ? B - b0 : 8;
-        if (NB == 4) {
+        if (NB == 4) { /* only for B <= 4: 4 x 4 accumulators at most */
             switch (bb) {
             case 1: TILE(4, 1); break;
             case 2: TILE(4, 2); break;
@@ -161,27 +173,9 @@ static void gemm_rows(const bf16 *P, int K, const float *x, int64_t ldx, int B, 
             default: TILE(4, 4); break;
             }
         } else if (NB == 2) {
-            switch (bb) {
-            case 1: TILE(2, 1); break;
-            case 2: TILE(2, 2); break;
-            case 3: TILE(2, 3); break;
-            case 4: TILE(2, 4); break;
-            case 5: TILE(2, 5); break;
-            case 6: TILE(2, 6); break;
-            case 7: TILE(2, 7); break;
-            default: TILE(2, 8); break;
-            }
+            TILE_ROWS(2)
         } else {
-            switch (bb) {
-            case 1: TILE(1, 1); break;
-            case 2: TILE(1, 2); break;
-            case 3: TILE(1, 3); break;
-            case 4: TILE(1, 4); break;
-            case 5: TILE(1, 5); break;
-            case 6: TILE(1, 6); break;
-            case 7: TILE(1, 7); break;
-            default: TILE(1, 8); break;
-            }
+            TILE_ROWS(1)
         }
     }
 }
