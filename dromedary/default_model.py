@@ -24,19 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelArgs
+from .cache import cache_root
+from .llama.model import ModelArgs
 
 BUILD_VERSION = 6
 ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=32,
                  norm_eps=1e-5, rope_theta=10000.0, max_seq_len=8192)
 TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "seed": 1234, "long_every": 4}
 VIEW_REPEATS = 6
-
-
-def cache_root() -> Path:
-    if os.environ.get("DROMEDARY_CACHE"):
-        return Path(os.environ["DROMEDARY_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dromedary"
 
 
 def corpus_texts() -> list[str]:
@@ -48,7 +43,7 @@ def corpus_texts() -> list[str]:
     the chat format that finetune and chat use. Then every file of prompts/ as plain text (JSON
     files contribute their string values, so the model sees prose rather than braces).
     """
-    from . import templates
+    from .recipe import templates
 
     texts: list[str] = []
     prefix = templates.self_align_prefix()
@@ -75,7 +70,7 @@ def corpus_texts() -> list[str]:
 
 def long_documents() -> list[str]:
     """The full self-align prompt continued by each exemplar conversation in turn."""
-    from . import templates
+    from .recipe import templates
 
     prefix, marker = templates.self_align_prefix(), templates.user_marker()
     blocks = [b.strip() for b in prefix.split(templates.conversation_divider())[1:]]
@@ -168,9 +163,10 @@ def build(out_dir: Path) -> None:
     """Train the tokenizer and the model into `out_dir` (runs in its own process)."""
     import sentencepiece as spm
 
-    from . import checkpoint, distributed
-    from .model import Transformer
-    from .tokenizer import Tokenizer
+    from . import distributed
+    from .llama import checkpoint
+    from .llama.model import Transformer
+    from .llama.tokenizer import Tokenizer
 
     start = time.time()
     texts = corpus_texts()

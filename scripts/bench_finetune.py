@@ -28,8 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dromedary import builder, checkpoint, lora, sft  # noqa: E402
-from dromedary.model import ModelArgs  # noqa: E402
+from dromedary.engine import builder
+from dromedary.llama import checkpoint, lora
+from dromedary.llama.model import ModelArgs  # noqa: E402
+from dromedary.recipe import sft  # noqa: E402
 
 
 def synthetic_batches(n: int, size: int, seq_len: int, vocab: int, seed: int = 0) -> list[list[sft.Example]]:

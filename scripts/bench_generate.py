@@ -58,11 +58,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dromedary import builder, checkpoint  # noqa: E402
-from dromedary.generation import Engine, SamplingParams  # noqa: E402
-from dromedary.lean import LeanDecoder  # noqa: E402
-from dromedary.native import NativeDecoder  # noqa: E402
-from dromedary.model import ModelArgs  # noqa: E402
+from dromedary.engine import builder
+from dromedary.engine.generation import Engine, SamplingParams  # noqa: E402
+from dromedary.llama import checkpoint  # noqa: E402
+from dromedary.llama.kernels.lean import LeanDecoder  # noqa: E402
+from dromedary.llama.kernels.native import NativeDecoder  # noqa: E402
+from dromedary.llama.model import ModelArgs  # noqa: E402
 
 MODEL = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=2048)
 QUICK_MODEL = dict(dim=256, n_layers=4, n_heads=4, vocab_size=32000, hidden_dim=768, max_seq_len=2048)

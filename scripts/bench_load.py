@@ -48,7 +48,7 @@ mode, path = sys.argv[1], sys.argv[2]
 base = hwm_kb()
 t = time.time()
 if mode == "load":
-    from dromedary.builder import build
+    from dromedary.engine.builder import build
     loaded = build(path, dtype=sys.argv[3], tokenizer_path=sys.argv[4])
     n = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     # Touch every weight so lazily mapped pages are counted too (summed in place: an fp32 copy
@@ -74,8 +74,8 @@ def main() -> None:
     import sentencepiece as spm
     import torch
 
-    from dromedary import checkpoint
-    from dromedary.model import ModelArgs
+    from dromedary.llama import checkpoint
+    from dromedary.llama.model import ModelArgs
 
     args = ModelArgs(dim=opts.dim, n_layers=opts.n_layers, n_heads=opts.dim // 64, vocab_size=opts.vocab,
                      multiple_of=256, max_seq_len=2048)

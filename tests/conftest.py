@@ -78,7 +78,7 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    from dromedary.tokenizer import Tokenizer
+    from dromedary.llama.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_path)
 
@@ -108,7 +108,8 @@ def ckpts(tmp_path_factory, tokenizer_path):
 @pytest.fixture(scope="session")
 def gqa_loaded(ckpts):
     """The GQA checkpoint built at MP=1, fp32, once per session."""
-    from dromedary import builder, distributed
+    from dromedary import distributed
+    from dromedary.engine import builder
 
     if distributed._WORLD is not None and distributed._WORLD.mp_size != 1:
         distributed.teardown(clean=False)

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from dromedary import checkpoint
-from dromedary.model import ModelArgs
+from dromedary.llama import checkpoint
+from dromedary.llama.model import ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
 

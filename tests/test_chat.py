@@ -9,10 +9,10 @@ import time
 
 import pexpect
 import pytest
-
-from dromedary import templates
-from dromedary.stages.chat import _Conversation, _ReplyStream
 from helpers_ckpt import REPO, free_port, python_m, run, subprocess_env, torchrun
+
+from dromedary.recipe import templates
+from dromedary.stages.chat import _Conversation, _ReplyStream
 
 # Greedy decoding of the default model repeats this for thousands of tokens without ending:
 # a long answer to interrupt.

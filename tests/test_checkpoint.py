@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_ckpt import GQA, LLAMA1, STD, full_state, python_m, run, write_checkpoint
 from safetensors import safe_open
 
-from dromedary import builder, checkpoint
-from dromedary.checkpoint import CheckpointError
-from dromedary.model import ModelArgs, Transformer
+from dromedary.engine import builder
+from dromedary.llama import checkpoint
+from dromedary.llama.checkpoint import CheckpointError
+from dromedary.llama.model import ModelArgs, Transformer
 from dromedary.stages.convert import convert
-from helpers_ckpt import GQA, LLAMA1, STD, full_state, python_m, run, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("world")
 

@@ -7,11 +7,21 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_ckpt import (
+    REPO,
+    console_script,
+    free_port,
+    python_m,
+    read_jsonl,
+    run,
+    shard_write_logger,
+    subprocess_env,
+    torchrun,
+    write_jsonl,
+)
 
 from dromedary import cli, distributed
-from dromedary.generation import Engine, SamplingParams, row_seed
-from helpers_ckpt import (REPO, console_script, free_port, python_m, read_jsonl, run, shard_write_logger,
-                          subprocess_env, torchrun, write_jsonl)
+from dromedary.engine.generation import Engine, SamplingParams, row_seed
 
 SHARED = "Every helpful assistant should read the principle, think about the user, and answer honestly. "
 PROMPTS = [SHARED + "The camel", SHARED + "Which river?", SHARED + "Tea and bread", SHARED + "日本",

@@ -7,11 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from dromedary import cli, distributed, records, templates, textfilters
-from dromedary.default_model import ensure_default_model
-from dromedary.stages.curate import Curator, read_sharegpt, report_table
 from helpers_ckpt import python_m, read_jsonl, run, write_jsonl
+
+from dromedary import cli, distributed, records
+from dromedary.default_model import ensure_default_model
+from dromedary.recipe import templates, textfilters
+from dromedary.stages.curate import Curator, read_sharegpt, report_table
 
 DATA = Path(__file__).resolve().parent / "data"
 SELF_ID = templates.self_identification_sentence()

@@ -1,4 +1,4 @@
-"""dromedary finetune and dromedary.lora: data, training, parallelism, resume, PEFT/HF interop, merge.
+"""dromedary finetune and dromedary.llama.lora: data, training, parallelism, resume, PEFT/HF interop, merge.
 
 A tiny GQA LLaMA (dim 64, 2 layers, 4 heads / 2 kv heads, FFN 170, vocab 512) and a tokenizer
 trained on the engraving prompts and the test words; every run has fixed seeds and one thread.
@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dromedary import builder, checkpoint, distributed, lora, sft, templates
-from dromedary.model import ModelArgs
+from dromedary import distributed
+from dromedary.engine import builder
+from dromedary.llama import checkpoint, lora
+from dromedary.llama.model import ModelArgs
+from dromedary.recipe import sft, templates
 from dromedary.stages import finetune as ft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +81,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(files):
-    from dromedary.tokenizer import Tokenizer
+    from dromedary.llama.tokenizer import Tokenizer
 
     return Tokenizer(files["ckpt"] / "tokenizer.model")
 

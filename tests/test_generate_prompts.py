@@ -5,10 +5,11 @@ import random
 from pathlib import Path
 
 import pytest
-
-from dromedary import cli, distributed, filters, importers, records, templates
-from dromedary.stages.generate_prompts import prompt_id
 from helpers_ckpt import REPO, free_port, python_m, read_jsonl, run, torchrun
+
+from dromedary import cli, distributed, records
+from dromedary.recipe import filters, importers, templates
+from dromedary.stages.generate_prompts import prompt_id
 
 DATA = REPO / "tests" / "data" / "import"
 

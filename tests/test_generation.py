@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dromedary import generation
-from dromedary.generation import Engine, SamplingParams
+from dromedary.engine import generation
+from dromedary.engine.generation import Engine, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -347,10 +347,12 @@ def test_top_k_limits_sampling_to_the_k_most_likely(engine, gqa_loaded, tokenize
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(world, tokenizer):
     """A checkpoint may have more embedding rows than the tokenizer has pieces (LLaMA-2 HF)."""
-    from dromedary import checkpoint
-    from dromedary.model import Transformer
-    from helpers_ckpt import GQA
     from dataclasses import replace
+
+    from helpers_ckpt import GQA
+
+    from dromedary.llama import checkpoint
+    from dromedary.llama.model import Transformer
 
     args = replace(GQA, vocab_size=tokenizer.n_words + 10)
     model = Transformer(args)

@@ -4,9 +4,9 @@ logits as the model's own forward, and step aside when the weights change."""
 import pytest
 import torch
 
-from dromedary import builder
-from dromedary.generation import Engine, SamplingParams
-from dromedary.model import KVCache, can_prepack
+from dromedary.engine import builder
+from dromedary.engine.generation import Engine, SamplingParams
+from dromedary.llama.model import KVCache, can_prepack
 
 pytestmark = pytest.mark.usefixtures("world")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dromedary import builder
-from dromedary.generation import Engine, SamplingParams
+from dromedary.engine import builder
+from dromedary.engine.generation import Engine, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,7 +116,7 @@ def test_score_is_hf_log_probability_of_the_target(pair, tokenizer):
 def test_attention_without_a_fused_kernel_takes_queries_in_bounded_chunks(monkeypatch, gqa, masked):
     # Off the CPU, attention with log-sum-exp materialises fp32 scores: long query blocks (a big
     # self-align batch folded over its prefix) are taken in chunks, with the same result.
-    from dromedary import model
+    from dromedary.llama import model
 
     torch.manual_seed(0)
     heads, kvh, t, s, d = 4, 2 if gqa else 4, 37, 23, 8

@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from dromedary import builder, checkpoint, native
-from dromedary.generation import Engine, SamplingParams
-from dromedary.model import KVCache, ModelArgs, Transformer
+from dromedary.engine import builder
+from dromedary.engine.generation import Engine, SamplingParams
+from dromedary.llama import checkpoint
+from dromedary.llama.kernels import native
+from dromedary.llama.model import KVCache, ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("world")
 

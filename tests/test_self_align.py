@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from dromedary import cli, distributed, records, templates
-from dromedary.default_model import ensure_default_model
-from dromedary.tokenizer import Tokenizer
 from helpers_ckpt import REPO, free_port, python_m, read_jsonl, run, subprocess_env, torchrun, write_jsonl
+
+from dromedary import cli, distributed, records
+from dromedary.default_model import ensure_default_model
+from dromedary.llama.tokenizer import Tokenizer
+from dromedary.recipe import templates
 
 N = 40
 # Sampled (the paper's temperature and top-p are the defaults) so that seeds are really tested.
@@ -82,8 +83,8 @@ def test_records_are_the_prompt_records_plus_the_generation(default_model, refer
 
 def test_generation_is_the_text_after_the_internal_thoughts_cue(reference, world):
     """The stage's text equals the engine's continuation of templates.self_align_prompt, per-record seed."""
-    from dromedary.builder import build
-    from dromedary.generation import Engine, SamplingParams, row_seed
+    from dromedary.engine.builder import build
+    from dromedary.engine.generation import Engine, SamplingParams, row_seed
 
     loaded = build(None, model_parallel_size=1, device="cpu")
     engine = Engine(loaded.model, loaded.tokenizer)

@@ -1,4 +1,4 @@
-"""Tests for dromedary.templates: prompt files, builders and parsers (no torch, no model)."""
+"""Tests for dromedary.recipe.templates: prompt files, builders and parsers (no torch, no model)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dromedary import templates as T
+from dromedary.recipe import templates as T
 
 REPO = Path(__file__).resolve().parent.parent
 CODENAME = T.internal_codename()
@@ -41,7 +41,7 @@ def test_prompts_dir_does_not_depend_on_the_working_directory(tmp_path):
     # A decoy prompts/ in the working directory must not be picked up.
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "principles.txt").write_text("1 (decoy). Not ours.\n")
-    code = "from dromedary import templates as T; print(T.prompts_dir()); print(len(T.load_principles()))"
+    code = "from dromedary.recipe import templates as T; print(T.prompts_dir()); print(len(T.load_principles()))"
     out = _run_python(code, cwd=tmp_path, pythonpath=REPO).splitlines()
     assert out[0] == str(REPO / "prompts")
     assert int(out[1]) >= 16
@@ -51,20 +51,22 @@ def test_prompts_dir_finds_the_installed_wheel_layout(tmp_path):
     # pyproject ships prompts/ as the package dromedary.prompts: site-packages/dromedary/prompts.
     site = tmp_path / "site"
     (site / "dromedary").mkdir(parents=True)
+    (site / "dromedary" / "recipe").mkdir()
     (site / "dromedary" / "__init__.py").write_text("")
-    shutil.copy(REPO / "dromedary" / "templates.py", site / "dromedary" / "templates.py")
+    (site / "dromedary" / "recipe" / "__init__.py").write_text("")
+    shutil.copy(REPO / "dromedary" / "recipe" / "templates.py", site / "dromedary" / "recipe" / "templates.py")
     shutil.copytree(REPO / "prompts", site / "dromedary" / "prompts")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "from dromedary import templates as T; print(T.prompts_dir()); print(T.self_align_prompt('Hi')[:1])"
+        "from dromedary.recipe import templates as T; print(T.prompts_dir()); print(T.self_align_prompt('Hi')[:1])"
     )
     out = _run_python(code, cwd=elsewhere, pythonpath=site).splitlines()
     assert out[0] == str(site / "dromedary" / "prompts")
 
 
 def test_importing_templates_does_not_import_torch():
-    code = "import sys; import dromedary.templates; print('torch' in sys.modules)"
+    code = "import sys; import dromedary.recipe.templates; print('torch' in sys.modules)"
     assert _run_python(code, cwd=REPO, pythonpath=REPO) == "False"
 
 
@@ -368,7 +370,7 @@ def test_engraving_prompts_are_varied_and_fixed_per_record():
 
 
 def test_engraving_choice_is_stable_across_processes():
-    code = "import dromedary.templates as T\nprint([T.engraving_system_prompt(str(n)) for n in range(5)])"
+    code = "import dromedary.recipe.templates as T\nprint([T.engraving_system_prompt(str(n)) for n in range(5)])"
     first = _run_python(code, cwd=REPO, pythonpath=REPO)
     assert first == _run_python(code, cwd=REPO, pythonpath=REPO)  # str hashing is salted per process
     assert first == str([T.engraving_system_prompt(str(i)) for i in range(5)])

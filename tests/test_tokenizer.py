@@ -1,6 +1,6 @@
 import pytest
 
-from dromedary.tokenizer import StreamDecoder, Tokenizer
+from dromedary.llama.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = [
     "  two leading spaces, then words",

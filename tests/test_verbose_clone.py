@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-
-from dromedary import cli, distributed, records, templates
-from dromedary.default_model import ensure_default_model
-from dromedary.generation import Generation
-from dromedary.stages.verbose_clone import AnswerFilter
 from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl
+
+from dromedary import cli, distributed, records
+from dromedary.default_model import ensure_default_model
+from dromedary.engine.generation import Generation
+from dromedary.recipe import templates
+from dromedary.stages.verbose_clone import AnswerFilter
 
 RECORD = {"id": "r1", "instruction": "Why do camels have humps?", "input": "", "output": "To store fat.",
           "thoughts": "t", "source": "tgrt"}

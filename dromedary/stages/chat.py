@@ -26,10 +26,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed, records, templates
-from ..builder import build
-from ..generation import Engine, SamplingParams, row_seed
-from ..tokenizer import Tokenizer
+from .. import distributed, records
+from ..engine.builder import build
+from ..engine.generation import Engine, SamplingParams, row_seed
+from ..llama.tokenizer import Tokenizer
+from ..recipe import templates
 
 # Under model parallelism the stop flag travels every this many streamed deltas: a small gloo
 # broadcast, cheap next to a forward pass, and the answer stops within a few tokens of Ctrl-C.
@@ -388,7 +389,7 @@ def _setup_readline():
         import readline
     except ImportError:  # e.g. a Python built without it: plain input() still works
         return None
-    from ..default_model import cache_root
+    from ..cache import cache_root
 
     path = cache_root() / "chat_history"
     try:

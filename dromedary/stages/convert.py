@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-from .. import checkpoint, records
+from .. import records
+from ..llama import checkpoint
 
 
 def convert(
@@ -48,7 +49,7 @@ def convert(
     reader = checkpoint.open_checkpoint(ckpt_dir)
     adjust = None
     if adapter:
-        from ..lora import merge_function
+        from ..llama.lora import merge_function
 
         adjust = merge_function(adapter, reader.args)
     tokenizer = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"

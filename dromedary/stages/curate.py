@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .. import records, templates, textfilters
+from .. import records
+from ..recipe import templates, textfilters
 
 MIX_SOURCE = "sharegpt-mix"
 MIX_ID_PREFIX = "sharegpt:"

@@ -1,8 +1,8 @@
 """dromedary finetune: principle engraving, i.e. LoRA fine-tuning on curated sft records.
 
 load (records, model) -> transform (examples, training loop) -> write (PEFT adapter, log, provenance).
-Records -> token ids and the loss live in dromedary.sft; LoRA layers, adapters on disk and
-gradients under model/data parallelism in dromedary.lora.
+Records -> token ids and the loss live in dromedary.recipe.sft; LoRA layers, adapters on disk and
+gradients under model/data parallelism in dromedary.llama.lora.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .. import distributed, lora, records, sft, templates
-from ..builder import build
+from .. import distributed, records
+from ..engine.builder import build
+from ..llama import lora
+from ..recipe import sft, templates
 
 _OUTPUTS = ("checkpoints", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl")
 # Flags that must not change between a checkpoint and the run resuming it.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..builder import build
-from ..generation import Engine, SamplingParams, row_seed
+from ..engine.builder import build
+from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
 
 

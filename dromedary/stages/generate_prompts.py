@@ -24,9 +24,10 @@ from typing import Any, Literal, Optional, get_args
 
 from tqdm import tqdm
 
-from .. import distributed, filters, importers, records, templates
+from .. import distributed, records
+from ..engine.generation import Engine, SamplingParams, row_seed
 from ..errors import UserError
-from ..generation import Engine, SamplingParams, row_seed
+from ..recipe import filters, importers, templates
 
 Method = Literal["tgrt", "self-instruct", "import"]
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -137,7 +138,7 @@ def generate_prompts(
                 print(f"{output}: wrote {start.written} seed records", file=sys.stderr)
                 records.write_provenance(output, command=sys.argv, options=options, model=None)
         return
-    from ..builder import build
+    from ..engine.builder import build
 
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)

@@ -24,7 +24,8 @@ from typing import Any, Callable, Literal, Optional
 
 import torch.distributed as dist
 
-from .. import cli, distributed, records, templates
+from .. import cli, distributed, records
+from ..recipe import templates
 
 Method = Literal["tgrt", "self-instruct", "import"]
 STATE_FILE = "pipeline_state.json"

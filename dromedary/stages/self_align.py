@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import records, templates
-from ..builder import build, resolve_ckpt_dir
-from ..checkpoint import open_checkpoint
-from ..generation import Engine, SamplingParams, row_seed
+from .. import records
+from ..engine.builder import build, resolve_ckpt_dir
+from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
-from ..tokenizer import Tokenizer
+from ..llama.checkpoint import open_checkpoint
+from ..llama.tokenizer import Tokenizer
+from ..recipe import templates
 
 
 def self_align(

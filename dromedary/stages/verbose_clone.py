@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .. import distributed, records, templates, textfilters
-from ..builder import build
-from ..generation import Engine, Generation, SamplingParams, row_seed
+from .. import distributed, records
+from ..engine.builder import build
+from ..engine.generation import Engine, Generation, SamplingParams, row_seed
 from ..jobs import RecordJob
+from ..recipe import templates, textfilters
 
 SOURCE = "verbose-clone"
 

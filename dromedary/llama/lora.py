@@ -35,7 +35,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from . import checkpoint, distributed
+from .. import distributed
+from . import checkpoint
+
 # fairscale stays behind model.py: its parallel layers and region mappings come from there.
 from .model import ColumnParallelLinear, ModelArgs, RowParallelLinear, fs_mappings
 

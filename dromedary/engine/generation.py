@@ -18,11 +18,11 @@ from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 
-from . import distributed
-from .lean import LeanDecoder
-from .model import KVCache, Transformer, can_prepack, drop_packed_weights, prepack_weights
-from .native import NativeDecoder
-from .tokenizer import StreamDecoder, Tokenizer
+from .. import distributed
+from ..llama.kernels.lean import LeanDecoder
+from ..llama.kernels.native import NativeDecoder
+from ..llama.model import KVCache, Transformer, can_prepack, drop_packed_weights, prepack_weights
+from ..llama.tokenizer import StreamDecoder, Tokenizer
 
 FinishReason = Literal["eos", "stop", "length"]
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import distributed, records, templates
+from .. import distributed, records
+from . import templates
 
 IGNORE = -100  # label of the tokens that carry no loss: the source and the padding
 Example = tuple[list[int], int]  # (token ids, number of source tokens)

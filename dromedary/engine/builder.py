@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed
-from .model import ModelArgs, Transformer
-from .tokenizer import Tokenizer
+from .. import distributed
+from ..llama import checkpoint
+from ..llama.model import ModelArgs, Transformer
+from ..llama.tokenizer import Tokenizer
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Loaded:
 def resolve_ckpt_dir(ckpt_dir: Optional[str]) -> Path:
     if ckpt_dir:
         return Path(ckpt_dir).expanduser()
-    from .default_model import ensure_default_model
+    from ..default_model import ensure_default_model
 
     return ensure_default_model()
 
@@ -75,7 +76,7 @@ def build(
     model.requires_grad_(False)
     name = str(path)
     if adapter:
-        from .lora import load_adapter
+        from ..llama.lora import load_adapter
 
         model = load_adapter(model, adapter, world=world, trainable=train, base_args=source)
         name += f" + adapter {adapter}"

@@ -104,7 +104,7 @@ class QuestionType:
 @functools.cache
 def prompts_dir() -> Path:
     """The prompts/ directory, found relative to this package and never to the working directory."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # dromedary/, above recipe/
     # Installed wheel: pyproject maps prompts/ to dromedary/prompts, next to this file.
     # Source checkout: prompts/ sits beside the dromedary/ package.
     for candidate in (package / "prompts", package.parent / "prompts"):

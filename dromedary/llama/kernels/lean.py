@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Transformer, _Packed, merge_attention
+from ..model import KVCache, Transformer, _Packed, merge_attention
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The whole one-token decoding step in one native call, for bf16 on AVX512-BF16 CPUs.
 
-`csrc/decode_cpu.c` runs every layer of a step (norms, projections, rotation, cache writes,
+`decode_cpu.c` runs every layer of a step (norms, projections, rotation, cache writes,
 attention over the shared prefix and the row's own keys, SwiGLU, residuals) and the output
 projection inside one OpenMP region; see its header for why and for the weight layout. It is
 compiled on first use with the system C compiler ($CC, else cc; about a second) into the cache
@@ -31,10 +31,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .default_model import cache_root
-from .model import ColumnParallelLinear, KVCache, PackedFrom, RowParallelLinear, Transformer
+from ...cache import cache_root
+from ..model import ColumnParallelLinear, KVCache, PackedFrom, RowParallelLinear, Transformer
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
+SOURCE = Path(__file__).parent / "decode_cpu.c"
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
           "-shared", "-fPIC"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..records import RecordError
 from . import filters
-from .records import RecordError
 
 Source = Literal["sharegpt", "dolly", "oasst1", "openorca"]
 SOURCES: tuple[Source, ...] = get_args(Source)
