@@ -129,9 +129,9 @@ def plain_rope_table(args: ModelArgs, length: int, seq_len: Optional[int] = None
         raise ValueError(f"rope scaling {args.rope_scaling.get('rope_type')!r} needs the table of "
                          "dromedary.llama.rope: build the model with Transformer(args, rope_table=rope.model_table)")
     hd = args.head_size
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    return torch.complex(angles.cos().float(), angles.sin().float())
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # float32, as rope.table
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 RopeTable = Callable[[ModelArgs, int, Optional[int]], torch.Tensor]  # (args, length, seq_len) -> table

@@ -15,7 +15,9 @@ The frequencies follow transformers' `modeling_rope_utils` formula for formula, 
   llama3    Llama-3.1's by-wavelength blend (low frequencies / factor, high kept, smooth between)
   yarn      NTK-by-parts ramp between interpolated and extrapolated frequencies, and the
             attention factor (0.1 ln(factor) + 1 unless given, or mscale / mscale_all_dim)
-Angles are computed in float64 (transformers: float32); the tables agree to float32 rounding.
+Everything is float32 in transformers' order of operations, as transformers and Meta's reference
+code compute it: at position 300 float64 frequencies would move the angles by ~1e-5 rad against
+theirs, which shows in the logits.
 
 `spec` is a plain dict, the normalised form that `checkpoint` reads from config.json or
 params.json: {"rope_type": ..., "factor": ..., "original_max_position_embeddings": ..., ...}; None
@@ -75,13 +77,13 @@ def original_window(spec: Optional[dict]) -> Optional[int]:
 
 
 def base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    """theta^(-2j / d) for j < d / 2, float64."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    """theta^(-2j / d) for j < d / 2, float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
 def frequencies(head_dim: int, theta: float, spec: Optional[dict], seq_len: Optional[int] = None
                 ) -> tuple[torch.Tensor, float]:
-    """(head_dim // 2,) float64 frequencies and the attention factor for `spec`.
+    """(head_dim // 2,) float32 frequencies and the attention factor for `spec`.
 
     `seq_len` matters for dynamic only: the length of the sequence the table serves (transformers:
     the largest position id + 1); at or below the original window the plain frequencies apply.
@@ -113,7 +115,7 @@ def _llama3(freqs: torch.Tensor, spec: dict) -> torch.Tensor:
     scaled = torch.where(wavelen > long_wave, freqs / factor, freqs)
     smooth = (window / wavelen - low) / (high - low)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= short_wave) & (wavelen <= long_wave)
+    medium = ~(wavelen < short_wave) & ~(wavelen > long_wave)
     return torch.where(medium, blended, scaled)
 
 
@@ -139,10 +141,10 @@ def _yarn(head_dim: int, theta: float, spec: dict) -> tuple[torch.Tensor, float]
     lo, hi = max(lo, 0), min(hi, head_dim - 1)
     if lo == hi:
         hi += 0.001  # as transformers: no zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (the plain frequency), 0: interpolate (frequency / factor)
-    freqs = base_frequencies(head_dim, theta)
-    return freqs / factor * (1 - keep) + freqs * keep, float(attention)
+    periods = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return (1.0 / (factor * periods)) * (1 - keep) + (1.0 / periods) * keep, float(attention)
 
 
 def _mscale(scale: float, mscale: float) -> float:
@@ -153,8 +155,8 @@ def table(head_dim: int, length: int, theta: float, spec: Optional[dict] = None,
           seq_len: Optional[int] = None) -> torch.Tensor:
     """The rotation table (length, head_dim // 2), complex64, of magnitude the attention factor."""
     freqs, attention = frequencies(head_dim, theta, spec, seq_len)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs)
-    return torch.polar(torch.full_like(angles, attention), angles).to(torch.complex64)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)  # (length, D/2)
+    return torch.polar(torch.full_like(angles, attention), angles)
 
 
 def model_table(args, length: int, seq_len: Optional[int] = None) -> torch.Tensor:
