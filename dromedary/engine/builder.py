@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import distributed
-from ..llama import checkpoint
+from ..llama import checkpoint, rope
 from ..llama.model import ModelArgs, Transformer
 from ..llama.tokenizer import Tokenizer, load_tokenizer
 
@@ -69,11 +69,10 @@ def build(
             f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but {path} has only "
             f"{source.vocab_size} embedding rows"
         )
-    if max_seq_len:
-        source.max_seq_len = max_seq_len
+    reader.set_window(max_seq_len)  # also refuses a window past a sliding-window span
     args, tensors = checkpoint.local_state(reader, world.mp_rank, world.mp_size, dtype=torch_dtype, device=world.device)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, rope_table=rope.model_table)
     model.load_state_dict(dict(tensors), assign=True, strict=True)
     del reader
     model.requires_grad_(False)

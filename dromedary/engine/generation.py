@@ -129,7 +129,8 @@ class Engine:
             if not row:
                 raise ValueError(f"prompt {i} is empty")
             if len(row) >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(row)} tokens; the context window is {self.max_seq_len}")
+                raise ValueError(f"prompt {i} has {len(row)} tokens; the context window is {self.max_seq_len}"
+                                 + (self.model.args.window_note if self.max_seq_len == self.model.args.max_seq_len else ""))
         seeds = list(seeds) if seeds is not None else [row_seed(seed, str(i)) for i in range(len(ids))]
         prefix = self._shared_prefix(ids)
         p_len = len(prefix.tokens) if prefix else 0

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Literal, Optional
 
 import torch
 
+from . import rope
 from .model import ModelArgs, ffn_hidden_dim
 
 Layout = Literal["meta", "hf"]
@@ -87,26 +88,55 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 class Reader:
-    """A checkpoint opened for reading. `args` has every size resolved from params and tensors."""
+    """A checkpoint opened for reading. `args` has every size resolved from params and tensors.
+
+    Besides the tensors, what the files say that is not a tensor size: `tied` (the output layer
+    is the token embedding), `eos_token_ids` (every end-of-sequence id the config lists),
+    `sliding_window` (Mistral's attention span; see `set_window`), `model_type`, and for the Meta
+    layout `embedding_split` (the dim the token embedding is split by across shards)."""
 
     layout: Layout
     args: ModelArgs
+    path: Path
+    tied: bool = False
+    sliding_window: Optional[int] = None
+    sliding_source: str = ""
+    model_type: str = "llama"
+    _eos_ids: tuple[int, ...] = ()
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos_ids)
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full tensor's shape, from the files' metadata where they have it."""
+        return tuple(self.get(name).shape)
 
     def names(self) -> list[str]:
         return list(expected_shapes(self.args))
 
     def checked(self, name: str) -> torch.Tensor:
-        t = self.get(name)
-        want = expected_shapes(self.args)[name]
-        if tuple(t.shape) != want:
+        self.check_shape(name)
+        return self.get(name)
+
+    def check_shape(self, name: str) -> None:
+        got, want = self.shape(name), expected_shapes(self.args)[name]
+        if got != want:
             raise CheckpointError(
-                f"{self.path}: {name} has shape {tuple(t.shape)} but the model config implies {want}"
-                + self._shape_hint(name)
+                f"{self.path}: {name} has shape {got} but the model config implies {want}" + self._shape_hint(name)
             )
-        return t
+
+    def read_local(self, name: str, rank: int, k: int) -> torch.Tensor:
+        """Rank `rank`'s slice (of K, split as our model splits `name`) of the full tensor, for a
+        layout that needs no padding. Readers that can, read only the slice (see MetaReader)."""
+        return local_slice(name, self.checked(name), rank, k)
+
+    def backs(self, name: str, t: torch.Tensor) -> bool:
+        """Whether `t` still lives in the reader's own (file-mapped) memory for `name`."""
+        return False
 
     def _shape_hint(self, name: str) -> str:
         return ""
@@ -114,7 +144,23 @@ class Reader:
     def release(self, name: str) -> None:
         """The caller has copied tensor `name` and no longer needs the reader's own."""
 
-    path: Path
+    def set_window(self, max_seq_len: Optional[int] = None) -> int:
+        """Use `max_seq_len` as the context window (None: the files' own); returns the window.
+
+        Refuses a window that a sliding-window attention span does not cover: the model here
+        attends to every earlier token, which equals sliding-window attention only while no query
+        is more than `sliding_window` positions past a key."""
+        if max_seq_len:
+            self.args.max_seq_len = int(max_seq_len)
+            self.args.window_note = ""
+        window = self.args.max_seq_len
+        if self.sliding_window is not None and self.sliding_window < window:
+            raise CheckpointError(
+                f"{self.sliding_source}: sliding_window {self.sliding_window} is smaller than the context window "
+                f"{window}{self.args.window_note}; this toolkit attends to every earlier token, so it would compute "
+                f"another model past {self.sliding_window} tokens: pass --max_seq_len {self.sliding_window} or less"
+            )
+        return window
 
 
 def drop_mapped_pages(t: torch.Tensor) -> None:
@@ -150,8 +196,10 @@ class StateReader(Reader):
 
     layout: Layout = "meta"
 
-    def __init__(self, args: ModelArgs, state: dict[str, torch.Tensor], path="<memory>"):
+    def __init__(self, args: ModelArgs, state: dict[str, torch.Tensor], path="<memory>", *,
+                 tied: bool = False, eos_token_ids: tuple[int, ...] = ()):
         self.args, self.state, self.path = args, state, Path(path)
+        self.tied, self._eos_ids = tied, tuple(eos_token_ids)
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
@@ -186,6 +234,8 @@ def detect_layout(ckpt_dir: Path) -> Layout:
 
 
 def open_checkpoint(ckpt_dir) -> Reader:
+    """The checkpoint's reader. Its window is the files' own until `set_window` (which also checks
+    it against a sliding window) is called: every model-running path calls it."""
     ckpt_dir = Path(ckpt_dir)
     return MetaReader(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else HFReader(ckpt_dir)
 
@@ -206,7 +256,105 @@ def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise CheckpointError(f"{path}: refusing to load: {detail} (only tensors are loaded, never code)") from None
 
 
+# params.json keys and what they are. Sizes are ModelArgs fields; `max_batch_size` only sizes
+# Meta's own cache; the rotary keys are read by `_meta_rope`; `sliding_window` is Mistral's raw
+# layout (checked by `set_window`). Anything else may change the computation and is refused.
+_META_SIZE_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                   "norm_eps", "rope_theta", "max_seq_len", "head_dim", "hidden_dim"}
+_META_OTHER_KEYS = {"max_batch_size", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+                    "sliding_window"}
+
+# Llama-3.1's rotary constants in Meta's reference code (llama-models, models/llama3/model.py:
+# apply_scaling); Llama-4's args add rope_scaling_factor / rope_high_freq_factor to params.json.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def _meta_rope(params: dict, where: str) -> Optional[dict]:
+    scaled = params.get("use_scaled_rope", False)
+    if scaled not in (True, False):
+        raise CheckpointError(f"{where}: use_scaled_rope must be true or false, got {scaled!r}")
+    extra = [k for k in ("rope_scaling_factor", "rope_high_freq_factor") if params.get(k) is not None]
+    if not scaled:
+        if extra:
+            raise CheckpointError(f"{where}: {extra[0]} = {params[extra[0]]!r} is set but use_scaled_rope is not")
+        return None
+    spec = dict(LLAMA31_ROPE)
+    if params.get("rope_scaling_factor") is not None:
+        spec["factor"] = float(params["rope_scaling_factor"])
+    if params.get("rope_high_freq_factor") is not None:
+        spec["high_freq_factor"] = float(params["rope_high_freq_factor"])
+    return spec
+
+
+def _meta_window(params: dict, args: ModelArgs, where: str) -> tuple[int, str]:
+    """The window and, when params.json does not state it, the note saying where it came from.
+
+    Meta's LLaMA-1/2 and Llama-3 params.json files carry no max_seq_len (Meta's code takes it as
+    an argument). A family default is used only where the files identify the family:
+    Llama-3 by its 128256-token vocabulary with theta 500000 (3.1/3.2 also by use_scaled_rope);
+    Code Llama by theta 1e6 with a 32000/32016 vocabulary; LLaMA-2 and LLaMA-1 (same sizes, 32000
+    vocabulary, theta 10000) by norm_eps, 1e-5 and 1e-6 in Meta's releases."""
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"]), ""
+    vocab, theta, eps = args.vocab_size, args.rope_theta, args.norm_eps
+    family = None
+    if vocab == 128256 and theta == 500000.0:
+        family = ("Llama-3.1", 131072, "use_scaled_rope, a 128256-token vocabulary and theta 500000") \
+            if args.rope_scaling else ("Llama-3", 8192, "a 128256-token vocabulary and theta 500000")
+    elif vocab in (32000, 32016) and theta == 1000000.0:
+        family = ("Code Llama", 16384, f"theta 1000000 and a {vocab}-token vocabulary")
+    elif vocab == 32000 and theta == 10000.0 and eps == 1e-5:
+        family = ("LLaMA-2", 4096, "norm_eps 1e-05, theta 10000 and a 32000-token vocabulary")
+    elif vocab == 32000 and theta == 10000.0 and eps == 1e-6:
+        family = ("LLaMA-1", 2048, "norm_eps 1e-06, theta 10000 and a 32000-token vocabulary")
+    if family is None:
+        return 2048, (f" ({where} states no max_seq_len and does not identify the model's family: 2048 assumed; "
+                      "pass --max_seq_len)")
+    name, window, why = family
+    return window, (f" ({where} states no max_seq_len; {window} is {name}'s window, identified by {why}; "
+                    "pass --max_seq_len to change it)")
+
+
+def _eos_ids(*configs: tuple[dict, str]) -> tuple[int, ...]:
+    """Every eos_token_id (an int or a list) of the configs, in order, without repeats."""
+    out: list[int] = []
+    for config, where in configs:
+        value = config.get("eos_token_id")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise CheckpointError(f"{where}: eos_token_id {value!r} is not an integer or a list of integers")
+            if v not in out:
+                out.append(v)
+    return tuple(out)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _generation_config(ckpt_dir: Path) -> tuple[dict, str]:
+    path = ckpt_dir / "generation_config.json"
+    return (_read_json(path) if path.exists() else {}), str(path)
+
+
+# Rotary buffers some checkpoints carry (LLaMA-1's rope.freqs, HF's rotary_emb.inv_freq): recomputed
+# from the config, so skipped rather than refused.
+_ROTARY_BUFFER = re.compile(r"(^|\.)(rope\.freqs|rotary_emb\.inv_freq)$")
+
+
 class MetaReader(Reader):
+    """Meta's layout. Shards are memory-mapped and opened on first use, and `read_local` reads
+    only the parts of the shards that a rank's slice overlaps, so at MP = shard count each rank
+    reads its own shard only (as Meta's loader does)."""
+
     layout: Layout = "meta"
 
     def __init__(self, ckpt_dir: Path):
@@ -217,36 +365,89 @@ class MetaReader(Reader):
             if expected not in numbers:
                 raise CheckpointError(f"{ckpt_dir}: missing shard consolidated.{expected:02d}.pth "
                                       f"(found {len(numbers)} of {max(numbers) + 1})")
-        loaded = [_torch_load(ckpt_dir / f"consolidated.{n:02d}.pth") for n in sorted(numbers)]
-        self.shards = [state for state, _ in loaded]
-        self.mapped = all(mapped for _, mapped in loaded)
-        params = json.loads((ckpt_dir / "params.json").read_text())
-        self.args = self._resolve_args(params)
+        self.n_shards = len(numbers)
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        self.mapped = True
+        params_path = ckpt_dir / "params.json"
+        params = _read_json(params_path)
+        self.args = self._resolve_args(params, str(params_path))
+        generation, where = _generation_config(ckpt_dir)
+        self._eos_ids = _eos_ids((generation, where))
+        if params.get("sliding_window") is not None:
+            self.sliding_window, self.sliding_source = int(params["sliding_window"]), str(params_path)
+        for n in sorted(self._shards):
+            self._check_names(n)
 
-    def _resolve_args(self, params: dict) -> ModelArgs:
-        known = {f.name for f in fields(ModelArgs)}
-        args = ModelArgs(**{k: v for k, v in params.items() if k in known and v is not None})
-        emb = self.get("tok_embeddings.weight")
-        if args.vocab_size in (-1, 0, None):  # LLaMA-1's params.json leaves it to the tokenizer
-            args.vocab_size = emb.shape[0]
-        w1 = self.get("layers.0.feed_forward.w1.weight")
-        if w1.shape[0] != args.ffn_size and args.hidden_dim is None:
+    @property
+    def shards(self) -> list[dict[str, torch.Tensor]]:
+        return [self._shard(n) for n in range(self.n_shards)]
+
+    def _shard(self, n: int) -> dict[str, torch.Tensor]:
+        if n not in self._shards:
+            state, mapped = _torch_load(self.path / f"consolidated.{n:02d}.pth")
+            self._shards[n] = state
+            self.mapped = self.mapped and mapped
+            if hasattr(self, "args"):  # shards opened later are checked as they open
+                self._check_names(n)
+        return self._shards[n]
+
+    def _part(self, n: int, name: str) -> torch.Tensor:
+        """Shard n's tensor `name` for its data (a view into the file, read as it is copied)."""
+        return self._part_meta(n, name)
+
+    def _check_names(self, n: int) -> None:
+        shard = self._shard(n)
+        unused = sorted(k for k in shard if k not in expected_shapes(self.args) and not _ROTARY_BUFFER.search(k))
+        if unused:
             raise CheckpointError(
-                f"{self.path}/params.json: FFN width from multiple_of={args.multiple_of}, "
+                f"{self.path}/consolidated.{n:02d}.pth: tensor(s) the model would not use: {', '.join(unused[:5])}"
+                + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+                + " (biases, adapters or another architecture's weights: refusing rather than ignoring them)"
+            )
+
+    def _resolve_args(self, params: dict, where: str) -> ModelArgs:
+        unknown = sorted(set(params) - _META_SIZE_KEYS - _META_OTHER_KEYS)
+        if unknown:
+            k = unknown[0]
+            raise CheckpointError(f"{where}: key {k} = {json.dumps(params[k])} is not understood; it may change "
+                                  "the computation, so the checkpoint is refused rather than run without it")
+        args = ModelArgs(**{k: v for k, v in params.items() if k in _META_SIZE_KEYS - {"max_seq_len"} and v is not None})
+        args.rope_scaling = _meta_rope(params, where)
+        emb = self._part_meta(0, "tok_embeddings.weight").shape
+        # LLaMA-1/2's ParallelEmbedding splits the embedding by columns across shards; Llama-3's
+        # VocabParallelEmbedding by vocabulary rows. Each shard has the full width in the latter.
+        self.embedding_split = 0 if self.n_shards > 1 and emb[1] == args.dim else 1
+        if args.vocab_size in (-1, 0, None):  # LLaMA-1's params.json leaves it to the tokenizer
+            args.vocab_size = self.shape("tok_embeddings.weight")[0]
+        args.max_seq_len, args.window_note = _meta_window(params, args, where)
+        w1 = self.shape("layers.0.feed_forward.w1.weight")
+        if w1[0] != args.ffn_size and args.hidden_dim is None:
+            raise CheckpointError(
+                f"{where}: FFN width from multiple_of={args.multiple_of}, "
                 f"ffn_dim_multiplier={args.ffn_dim_multiplier} is {args.ffn_size}, "
-                f"but layers.0.feed_forward.w1.weight has {w1.shape[0]} rows" + self._shape_hint("")
+                f"but layers.0.feed_forward.w1.weight has {w1[0]} rows" + self._shape_hint("")
             )
         return args
 
+    def split_dim(self, name: str) -> Optional[int]:
+        if name == "tok_embeddings.weight":
+            return self.embedding_split
+        return meta_shard_dim(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        dim = self.split_dim(name)
+        first = list(self._part_meta(0, name).shape)
+        if dim is not None and self.n_shards > 1:
+            first[dim] = sum(self._part_meta(n, name).shape[dim] for n in range(self.n_shards))
+        return tuple(first)
+
     def get(self, name: str) -> torch.Tensor:
-        parts = []
-        for n, shard in enumerate(self.shards):
-            if name not in shard:
-                raise CheckpointError(f"{self.path}/consolidated.{n:02d}.pth: tensor {name} is missing")
-            parts.append(shard[name])
-        dim = meta_shard_dim(name)
-        if dim is None or len(parts) == 1:
-            return parts[0]
+        dim = self.split_dim(name)
+        if dim is None or self.n_shards == 1:
+            for n in range(1, self.n_shards):
+                self._part_meta(n, name)  # named if missing
+            return self._part(0, name)
+        parts = [self._part(n, name) for n in range(self.n_shards)]
         full = torch.cat(parts, dim=dim)
         if self.mapped:
             # The parts were copied: their file pages need not stay resident while the rest of
@@ -255,13 +456,53 @@ class MetaReader(Reader):
                 drop_mapped_pages(part)
         return full
 
+    def read_local(self, name: str, rank: int, k: int) -> torch.Tensor:
+        self.check_shape(name)
+        want = local_shard_dim(name)
+        if want is None:
+            # Replicated: every shard holds it; take it from the shard this rank reads anyway.
+            return self._part(rank * self.n_shards // k, name)
+        full = self.shape(name)
+        size = full[want] // k
+        lo, hi = rank * size, (rank + 1) * size
+        have = self.split_dim(name)
+        if have is None or self.n_shards == 1:
+            return self._part(0, name).narrow(want, lo, size)
+        pieces = []
+        if have == want:
+            # Only the shards that overlap [lo, hi) along the split dim.
+            start = 0
+            for n in range(self.n_shards):
+                part = self._part_meta(n, name)
+                stop = start + part.shape[have]
+                a, b = max(lo, start), min(hi, stop)
+                if a < b:
+                    pieces.append(self._part(n, name).narrow(have, a - start, b - a))
+                start = stop
+        else:
+            # Split the other way (LLaMA-1/2's embedding): every shard, each narrowed to the slice.
+            pieces = [self._part(n, name).narrow(want, lo, size) for n in range(self.n_shards)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=have)
+
+    def _part_meta(self, n: int, name: str) -> torch.Tensor:
+        # A shape lookup only: separate from `_part` so that tests counting reads see reads only.
+        shard = self._shard(n)
+        if name not in shard:
+            raise CheckpointError(f"{self.path}/consolidated.{n:02d}.pth: tensor {name} is missing")
+        return shard[name]
+
+    def backs(self, name: str, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(name in shard and shard[name].untyped_storage().data_ptr() == ptr for shard in self._shards.values())
+
     def release(self, name: str) -> None:
         if self.mapped:
-            for shard in self.shards:
-                drop_mapped_pages(shard[name])
+            for shard in self._shards.values():
+                if name in shard:
+                    drop_mapped_pages(shard[name])
 
     def _shape_hint(self, name: str) -> str:
-        return f" ({len(self.shards)} shard(s) found; is one missing?)" if len(self.shards) else ""
+        return f" ({self.n_shards} shard(s) found; is one missing?)" if self.n_shards else ""
 
 
 _HF_LAYER_NAMES = {
@@ -312,9 +553,16 @@ class HFReader(Reader):
 
     def __init__(self, ckpt_dir: Path):
         self.path = ckpt_dir
-        config = json.loads((ckpt_dir / "config.json").read_text())
-        self.args = args_from_hf_config(config)
+        config_path = ckpt_dir / "config.json"
+        config = _read_json(config_path)
+        where = str(config_path)
+        self.args = args_from_hf_config(config, where=where)
+        self.model_type = config["model_type"]
         self.tied = bool(config.get("tie_word_embeddings", False))
+        self.sliding_window = config.get("sliding_window", _HF_DEFAULTS[self.model_type]["sliding_window"])
+        self.sliding_source = where
+        generation, gen_where = _generation_config(ckpt_dir)
+        self._eos_ids = _eos_ids((config, where), (generation, gen_where))
         self._where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
         index = next(iter(sorted(ckpt_dir.glob("*.index.json"))), None)
@@ -331,6 +579,18 @@ class HFReader(Reader):
                 for key in self._file_keys(f):
                     self._where[key] = f
         self._meta_to_hf = {m: k for k in self._where if (m := hf_to_meta_name(k))}
+        unused = sorted(k for k in self._where if hf_to_meta_name(k) is None and not _ROTARY_BUFFER.search(k))
+        if unused:
+            raise CheckpointError(
+                f"{ckpt_dir}: tensor(s) the model would not use: {', '.join(unused[:5])}"
+                + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+                + " (biases, adapters or another architecture's weights: refusing rather than ignoring them)"
+            )
+        if self.tied and "lm_head.weight" in self._where:
+            # transformers ties lm_head to the embedding; a different stored lm_head is ambiguous.
+            if not torch.equal(self._raw("lm_head.weight"), self._raw("model.embed_tokens.weight")):
+                raise CheckpointError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                                      "model.embed_tokens.weight in the files")
 
     def _file(self, path: Path):
         if path not in self._open:
@@ -346,35 +606,141 @@ class HFReader(Reader):
         f = self._file(path)
         return list(f.keys())
 
-    def get(self, name: str) -> torch.Tensor:
+    def _key(self, name: str) -> str:
         key = self._meta_to_hf.get(name)
-        if key is None and name == "output.weight" and self.tied:
-            key = self._meta_to_hf["tok_embeddings.weight"]
+        if name == "output.weight" and self.tied:
+            key = self._meta_to_hf.get("tok_embeddings.weight")
         if key is None:
             raise CheckpointError(f"{self.path}: tensor for {name} not found")
+        return key
+
+    def _raw(self, key: str) -> torch.Tensor:
         f = self._file(self._where[key])
-        t = f.get_tensor(key) if hasattr(f, "get_tensor") else f[key]
-        if name.endswith("attention.wq.weight"):
-            t = hf_unpermute(t, self.args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = hf_unpermute(t, self.args.kv_heads)
+        return f.get_tensor(key) if hasattr(f, "get_tensor") else f[key]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self._key(name)
+        f = self._file(self._where[key])
+        if hasattr(f, "get_slice"):
+            return tuple(f.get_slice(key).get_shape())
+        return tuple(f[key].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._unpermute(name, self._raw(self._key(name)))
+
+    def _unpermute(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        # Per head, so a slice of whole heads unpermutes on its own.
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = hf_unpermute(t, t.shape[0] // self.args.head_size)
         return t
 
+    def read_local(self, name: str, rank: int, k: int) -> torch.Tensor:
+        self.check_shape(name)
+        dim = local_shard_dim(name)
+        key = self._key(name)
+        f = self._file(self._where[key])
+        if dim is None or k == 1 or not hasattr(f, "get_slice"):
+            return local_slice(name, self.get(name), rank, k)
+        size = self.shape(name)[dim] // k
+        piece = f.get_slice(key)
+        # safetensors reads only the requested rows (or columns) from the file.
+        t = piece[rank * size : (rank + 1) * size] if dim == 0 else piece[:, rank * size : (rank + 1) * size]
+        return self._unpermute(name, t)
 
-def args_from_hf_config(config: dict) -> ModelArgs:
+
+# What transformers' config classes default each field to, where config.json may leave it out.
+_HF_DEFAULTS = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "sliding_window": None},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
+                "sliding_window": 4096},
+}
+# The model types run here: LLaMA, and Mistral, which is LLaMA's computation plus a sliding
+# attention window (accepted while it covers the window in use). Others of the family compute
+# something model.py does not: qwen2 q/k/v biases, gemma (1 + w) norms, scaled embeddings and
+# gelu, phi3 fused projections and longrope, olmo layer norms, mixtral experts; each is refused by
+# name rather than half-run.
+HF_MODEL_TYPES = tuple(_HF_DEFAULTS)
+_ACTIVATIONS = ("silu", "swish")  # one function in transformers' ACT2FN
+
+
+def hf_rope_spec(config: dict, where: str) -> tuple[float, Optional[dict]]:
+    """(theta, normalised scaling spec) from config.json, as transformers reads them: v5's
+    `rope_parameters` or v4's `rope_theta` + `rope_scaling`, the type under `rope_type` or `type`."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{where}: {field} = {json.dumps(params)} is not an object")
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    if theta is None:
+        theta = 10000.0
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(f"{where}: partial_rotary_factor {partial} is not supported (only whole-head rotary)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    spec = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+    spec["rope_type"] = kind
+    window = config.get("max_position_embeddings", _HF_DEFAULTS[config["model_type"]]["max_position_embeddings"])
+    if kind == "dynamic":
+        # transformers grows theta past max_position_embeddings itself (not a rope key).
+        spec.setdefault("original_max_position_embeddings", window)
+    if kind in ("llama3", "yarn"):
+        # Priority as transformers': a top-level original_max_position_embeddings, then the
+        # rope key, then max_position_embeddings.
+        if config.get("original_max_position_embeddings") is not None:
+            spec["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        spec.setdefault("original_max_position_embeddings", window)
+    if kind == "yarn" and spec.get("factor") is None:
+        spec["factor"] = window / spec["original_max_position_embeddings"]
+    problem = rope.check_spec(spec)
+    if problem:
+        raise CheckpointError(f"{where}: {field} {json.dumps(params)}: {problem}")
+    return float(theta), spec
+
+
+def args_from_hf_config(config: dict, where: str = "config.json") -> ModelArgs:
+    """ModelArgs for an HF config.json, or CheckpointError naming the field that is not honoured."""
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(HF_MODEL_TYPES)})")
+    defaults = _HF_DEFAULTS[model_type]
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise CheckpointError(f"{where}: {key} = {json.dumps(config[key])}: projections with biases are not supported")
+    act = config.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (the FFN here is SwiGLU: silu)")
+    if config.get("quantization_config") is not None:
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        raise CheckpointError(f"{where}: quantization_config (quant_method {method!r}) is set: quantized weights are "
+                              "not supported; use the unquantized checkpoint (or a GGUF file)")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if not isinstance(config.get(key), int):
+            raise CheckpointError(f"{where}: {key} is missing or not an integer")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or dim // n_heads
+    theta, spec = hf_rope_spec(config, where)
+    window = config.get("max_position_embeddings")
+    note = ""
+    if window is None:
+        window = defaults["max_position_embeddings"]
+        note = f" ({where} states no max_position_embeddings; {window} is transformers' default for {model_type})"
     return ModelArgs(
         dim=dim,
         n_layers=config["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or defaults["num_key_value_heads"] or n_heads,
         vocab_size=config["vocab_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        max_seq_len=config.get("max_position_embeddings", 2048),
+        norm_eps=config.get("rms_norm_eps", defaults["rms_norm_eps"]),
+        rope_theta=theta,
+        max_seq_len=window,
         head_dim=head_dim if head_dim != dim // n_heads else None,
         hidden_dim=config["intermediate_size"],
+        rope_scaling=spec,
+        window_note=note,
     )
 
 
@@ -477,11 +843,20 @@ def local_state(reader: Reader, rank: int, k: int, *, dtype: torch.dtype, device
 
     `adjust(name, full_tensor)` runs on each full tensor before padding (used to merge LoRA).
     Only one full tensor is alive at a time, so peak memory is the local model plus one tensor.
+    Where no padding or adjustment is needed, each rank reads only its own slice from the files
+    (`Reader.read_local`): at MP=8 on a 70B checkpoint, an eighth of it per rank.
     """
     pad = plan_padding(reader.args, k)
+    direct = pad.is_identity and adjust is None
 
     def stream():
         for name in reader.names():
+            if direct:
+                t = reader.read_local(name, rank, k).to(device=device, dtype=dtype).contiguous()
+                if t.device.type != "cpu" or not reader.backs(name, t):
+                    reader.release(name)
+                yield name, t
+                continue
             source = reader.checked(name)
             t = source if adjust is None else adjust(name, source)
             t = local_slice(name, pad_tensor(name, t, pad), rank, k)
@@ -497,8 +872,10 @@ def local_state(reader: Reader, rank: int, k: int, *, dtype: torch.dtype, device
 # Writers.
 
 
-def meta_params(args: ModelArgs) -> dict:
-    """params.json contents that Meta's reference code reproduces the same sizes from."""
+def meta_params(args: ModelArgs, *, sliding_window: Optional[int] = None) -> dict:
+    """params.json contents that Meta's reference code reproduces the same sizes from, and our
+    reader the same computation (rotary scaling as use_scaled_rope; CheckpointError for scaling
+    params.json cannot express)."""
     multiple_of, mult = args.multiple_of, args.ffn_dim_multiplier
     if ffn_hidden_dim(args.dim, multiple_of, mult) != args.ffn_size:
         # Sizes from an HF config: choose multiple_of so that rounding lands exactly on the width.
@@ -509,25 +886,58 @@ def meta_params(args: ModelArgs) -> dict:
             raise CheckpointError(f"cannot express FFN width {args.ffn_size} in params.json")
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
               "n_kv_heads": args.kv_heads, "vocab_size": args.vocab_size, "multiple_of": multiple_of,
-              "ffn_dim_multiplier": mult, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_seq_len": args.max_seq_len}
+              "ffn_dim_multiplier": mult, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
+    if not args.window_note:  # a window no file stated stays unstated
+        params["max_seq_len"] = args.max_seq_len
     if args.head_dim and args.head_dim != args.dim // args.n_heads:
         params["head_dim"] = args.head_dim
+    spec = args.rope_scaling
+    if spec is not None:
+        fixed = {k: LLAMA31_ROPE[k] for k in ("rope_type", "low_freq_factor", "original_max_position_embeddings")}
+        if any(spec.get(k) != v for k, v in fixed.items()):
+            raise CheckpointError(f"params.json cannot express rope scaling {json.dumps(spec)} (only Llama-3.1's "
+                                  "use_scaled_rope, with low_freq_factor 1 and an 8192 original window): "
+                                  "write the HF layout instead")
+        params["use_scaled_rope"] = True
+        if spec["factor"] != LLAMA31_ROPE["factor"]:
+            params["rope_scaling_factor"] = spec["factor"]
+        if spec["high_freq_factor"] != LLAMA31_ROPE["high_freq_factor"]:
+            params["rope_high_freq_factor"] = spec["high_freq_factor"]
+    if sliding_window is not None:
+        params["sliding_window"] = sliding_window
     return params
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+def hf_config(args: ModelArgs, dtype: torch.dtype, *, tied: bool = False, eos_token_ids=(),
+              sliding_window: Optional[int] = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (MistralForCausalLM with a sliding window)."""
+    window = args.max_seq_len
+    scaling = None
+    if args.rope_scaling is not None:
+        scaling = dict(args.rope_scaling)
+        if scaling["rope_type"] == "dynamic":
+            # transformers takes dynamic NTK's original window from max_position_embeddings.
+            window = scaling.pop("original_max_position_embeddings")
+    config = {
+        "architectures": ["MistralForCausalLM" if sliding_window is not None else "LlamaForCausalLM"],
+        "model_type": "mistral" if sliding_window is not None else "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_size,
         "num_attention_heads": args.n_heads, "num_hidden_layers": args.n_layers,
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_size,
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "max_position_embeddings": args.max_seq_len, "vocab_size": args.vocab_size,
-        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "max_position_embeddings": window, "vocab_size": args.vocab_size,
+        "bos_token_id": 1, "tie_word_embeddings": bool(tied),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    eos = list(eos_token_ids)
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    if sliding_window is not None:
+        config["sliding_window"] = sliding_window
+    return config
 
 
 def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int = 1,
@@ -546,12 +956,24 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
         t = reader.checked(name)
         return adjust(name, t) if adjust is not None else t
 
+    eos = reader.eos_token_ids
     if layout == "meta":
-        (out / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
+        (out / "params.json").write_text(json.dumps(meta_params(args, sliding_window=reader.sliding_window),
+                                                    indent=2) + "\n")
+        if eos:  # params.json has no place for them; our reader reads this file beside it
+            (out / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": eos[0] if len(eos) == 1 else eos}, indent=2) + "\n")
+        # The embedding split as read (Meta layouts), else as Meta's code for the family splits it:
+        # vocabulary rows for Llama-3 (VocabParallelEmbedding), columns for LLaMA-1/2.
+        emb_split = getattr(reader, "embedding_split", 0 if args.vocab_size == 128256 else 1)
+        names = reader.names()
+        if reader.tied and "output.weight" not in names:
+            names.append("output.weight")
         for n in range(num_shards):
             shard = {}
-            for name in reader.names():
-                t, dim = full(name), meta_shard_dim(name)
+            for name in names:
+                t = full(name)
+                dim = emb_split if name == "tok_embeddings.weight" else meta_shard_dim(name)
                 shard[name] = (t if dim is None or num_shards == 1 else t.tensor_split(num_shards, dim)[n]).clone()
             torch.save(shard, out / f"consolidated.{n:02d}.pth")
             del shard
@@ -559,10 +981,13 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
         from safetensors.torch import save_file
 
         dtype = full("norm.weight").dtype
-        (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+        config = hf_config(args, dtype, tied=reader.tied, eos_token_ids=eos, sliding_window=reader.sliding_window)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         groups: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in reader.names():
+            if name == "output.weight" and reader.tied:
+                continue  # transformers ties lm_head to the embedding
             t = full(name)
             if name.endswith("attention.wq.weight"):
                 t = hf_permute(t, args.n_heads)

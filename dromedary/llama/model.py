@@ -44,6 +44,13 @@ class ModelArgs:
     head_dim: Optional[int] = None
     hidden_dim: Optional[int] = None
     padded_vocab_size: Optional[int] = None
+    # Rotary scaling as `rope.py` reads it ({"rope_type": "llama3", "factor": 8.0, ...}); None is
+    # plain theta. The model computes no table itself for a scaled spec: the builder hands it
+    # `rope.model_table` (see `Transformer`).
+    rope_scaling: Optional[dict] = None
+    # Where max_seq_len came from, when no file stated it: appended to every message that cites
+    # the window ("" when a file states it or --max_seq_len set it).
+    window_note: str = ""
 
     @property
     def kv_heads(self) -> int:
@@ -114,12 +121,20 @@ class RMSNorm(nn.Module):
         return torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> torch.Tensor:
+def plain_rope_table(args: ModelArgs, length: int, seq_len: Optional[int] = None) -> torch.Tensor:
     """Rotations e^(i * pos * freq) of shape (length, head_dim // 2), complex64, for Meta's
-    interleaved rotary layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    return torch.complex(angles.cos().float(), angles.sin().float())
+    interleaved rotary layout: plain theta only. Scaled specs are computed by `rope.model_table`,
+    which the builder passes to the model (this module imports nothing of the package)."""
+    if args.rope_scaling is not None:
+        raise ValueError(f"rope scaling {args.rope_scaling.get('rope_type')!r} needs the table of "
+                         "dromedary.llama.rope: build the model with Transformer(args, rope_table=rope.model_table)")
+    hd = args.head_size
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # float32, as rope.table
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+RopeTable = Callable[[ModelArgs, int, Optional[int]], torch.Tensor]  # (args, length, seq_len) -> table
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -413,14 +428,20 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, rope_table: Optional[RopeTable] = None):
         super().__init__()
         self.args = args
         self.mp_size = fs_init.get_model_parallel_world_size()  # the K its layers are split for
         with _without_fairscale_init():
             self._build(args)
         self.gradient_checkpointing = False
+        self.rope_table: RopeTable = rope_table or plain_rope_table
         self._rope: Optional[torch.Tensor] = None
+        self._rope_long: Optional[tuple[int, torch.Tensor]] = None  # (seq_len, table) past the window
+        scaling = args.rope_scaling or {}
+        # Dynamic NTK: the frequencies depend on the sequence length once it passes this window.
+        self.rope_window: Optional[int] = (scaling.get("original_max_position_embeddings")
+                                           if scaling.get("rope_type") == "dynamic" else None)
 
     def _build(self, args: ModelArgs) -> None:
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_rows, args.dim, init_method=_no_init)
@@ -428,11 +449,28 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_rows, bias=False, gather_output=True, init_method=_no_init)
 
-    def rope(self, device) -> torch.Tensor:
+    @property
+    def rope_varies_with_length(self) -> bool:
+        """True for dynamic NTK, whose table past the original window depends on the sequence
+        length: the one-token kernels (lean.py, native.py), which hold one table, step aside."""
+        return self.rope_window is not None
+
+    def rope(self, device, seq_len: Optional[int] = None) -> torch.Tensor:
+        """The rotation table (L, D/2) complex64. `seq_len`: the length the pass serves (largest
+        position + 1); it matters only past a dynamic spec's original window, where, as in
+        transformers, every position of the pass is rotated with the frequencies of that length.
+        Keys already in a KV cache keep the rotation of the pass that wrote them (transformers'
+        cache does the same), so a cached decode past the window differs from one full forward
+        over the same tokens; each matches transformers doing the same thing."""
         # Kept off the state dict and built lazily on the weights' device (the module may be
         # built on the meta device and filled in by the loader).
+        length = self.args.max_seq_len * 2
+        if self.rope_window is not None and seq_len is not None and seq_len > self.rope_window:
+            if self._rope_long is None or self._rope_long[0] != seq_len or self._rope_long[1].device != torch.device(device):
+                self._rope_long = (seq_len, self.rope_table(self.args, max(length, seq_len), seq_len).to(device))
+            return self._rope_long[1]
         if self._rope is None or self._rope.device != torch.device(device):
-            self._rope = rope_tables(self.args.head_size, self.args.max_seq_len * 2, self.args.rope_theta).to(device)
+            self._rope = self.rope_table(self.args, length, None).to(device)
         return self._rope
 
     def forward(
@@ -454,7 +492,10 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
-        table = self.rope(h.device)
+        seq_len = None
+        if self.rope_window is not None:  # one device sync, for dynamic NTK only
+            seq_len = seqlen if positions is None else int(positions.max()) + 1
+        table = self.rope(h.device, seq_len)
         rope = table[:seqlen][None] if positions is None else table[positions]  # (B|1, T, D/2)
         step = None
         if cache is not None:

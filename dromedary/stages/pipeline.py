@@ -74,6 +74,7 @@ def pipeline(
     model_parallel_size: Optional[int] = None,
     dtype: Optional[str] = None,
     seed: int = 0,
+    max_seq_len: Optional[int] = None,
 ) -> None:
     """Run the whole recipe into WORKDIR: prompts, self-align, curate, finetune (principle engraving),
     optionally verbose-clone and a second finetune, and one sample chat turn; then print a table.
@@ -104,6 +105,7 @@ def pipeline(
       model_parallel_size: processes sharing one model copy in every stage. Default: the whole world.
       dtype: fp32, bf16 or fp16 for the model-running stages (finetune refuses fp16). Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: passed to every stage.
+      max_seq_len: context window for the generating stages (generate-prompts, self-align, verbose-clone, chat); finetune sizes its own from its length flags. Default: the checkpoint's.
     """
     stages, key = _plan(locals())
     work = Path(workdir)
@@ -172,18 +174,19 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     model = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"],
              "model_parallel_size": o["model_parallel_size"], "dtype": o["dtype"], "seed": o["seed"]}
     name = o["assistant_name"]
+    window = {"max_seq_len": o["max_seq_len"]}  # the generating stages; finetune sizes its own
 
     def flags(stage: str, command: str, base: dict) -> dict:
         preset = TINY_FLAGS.get(command, {}) if tiny and not (command == "generate-prompts" and o["method"] == "import") else {}
         return {**preset, **base, **extra.get(stage, {})}
 
-    prompts = {"method": o["method"], "output": "prompts.jsonl", "num_prompts": num_prompts, **model}
+    prompts = {"method": o["method"], "output": "prompts.jsonl", "num_prompts": num_prompts, **model, **window}
     if o["sources"]:
         prompts["sources"] = o["sources"]
     stages = [
         _Stage("generate-prompts", "generate-prompts", "prompts.jsonl", flags("generate-prompts", "generate-prompts", prompts)),
         _Stage("self-align", "self-align", "self_align.jsonl",
-               flags("self-align", "self-align", {"input": "prompts.jsonl", "output": "self_align.jsonl", **model}),
+               flags("self-align", "self-align", {"input": "prompts.jsonl", "output": "self_align.jsonl", **model, **window}),
                count_in="prompts.jsonl"),
         _Stage("curate", "curate", "sft.jsonl",
                flags("curate", "curate", {"input": "self_align.jsonl", "output": "sft.jsonl",
@@ -200,7 +203,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
             _Stage("verbose-clone", "verbose-clone", "verbose.jsonl",
                    flags("verbose-clone", "verbose-clone", {"input": "sft.jsonl", "output": "verbose.jsonl",
                                                             "rejected": "verbose_rejected.jsonl", "adapter": "adapter",
-                                                            "assistant_name": name, **model}),
+                                                            "assistant_name": name, **model, **window}),
                    count_in="sft.jsonl", extra_outputs=["verbose_rejected.jsonl"]),
             # Verbose cloning trains a fresh adapter on the base model, as in the Dromedary recipe.
             _Stage("finetune-verbose", "finetune", "adapter_verbose/",
@@ -210,7 +213,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
         ]
         final_adapter = "adapter_verbose"
     chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
-            **{k: v for k, v in model.items()}}
+            **{k: v for k, v in model.items()}, **window}
     stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
     for stage in stages:
         stage.flags = {k: v for k, v in stage.flags.items() if v is not None}
@@ -219,6 +222,8 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     key = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"], "method": o["method"],
            "num_prompts": num_prompts, "sources": o["sources"], "assistant_name": name, "seed": o["seed"],
            "stage_flags": extra}
+    if o["max_seq_len"] is not None:  # absent from the key otherwise: earlier work directories still match
+        key["max_seq_len"] = o["max_seq_len"]
     return stages, key
 
 

@@ -117,7 +117,9 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     the other answers of its batch.
     """
     path = resolve_ckpt_dir(ckpt_dir)
-    window = max_seq_len or open_checkpoint(path).args.max_seq_len
+    reader = open_checkpoint(path)
+    window = reader.set_window(max_seq_len)
+    note = reader.args.window_note  # where the window came from, when no file states it
     tokenizer = load_tokenizer(tokenizer_path or path)
 
     def prefix_tokens(k: Optional[int]) -> int:
@@ -131,8 +133,8 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
         fix = (f"use --max_exemplars {fits} (or lower --max_new_tokens)" if fits
                else "lower --max_new_tokens (even one exemplar leaves no room for this many)")
         raise ValueError(f"the self-align prompt ({prefix} tokens with {used} of {total} exemplars) plus "
-                         f"--max_new_tokens {max_new_tokens} does not fit the context window of {window} tokens; "
-                         f"{fix}")
+                         f"--max_new_tokens {max_new_tokens} does not fit the context window of {window} tokens"
+                         f"{note}; {fix}")
     # The prefix ends at a line break, a token boundary, so the suffix's tokens add up; +1 for the
     # word-start marker SentencePiece may put on the suffix's first piece when encoded alone.
     def prompt_tokens(record: dict) -> int:
@@ -143,6 +145,6 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     if too_long:
         rid, n = too_long[0]
         raise ValueError(f"{input}: record {rid!r}: its self-align prompt has about {n} tokens, which with "
-                         f"--max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens "
+                         f"--max_new_tokens {max_new_tokens} exceeds the context window of {window} tokens{note} "
                          f"({len(too_long)} record(s) in all); shorten or drop such records, or lower "
                          "--max_new_tokens or --max_exemplars")

@@ -101,7 +101,8 @@ def verbose_clone(
         + max_new_tokens > engine.max_seq_len]
     if too_long:  # the engine would shorten the whole batch's budget, changing the other answers too
         raise ValueError(f"{input}: record {too_long[0]!r}: the verbose prompt plus --max_new_tokens {max_new_tokens} "
-                         f"exceeds the context window of {engine.max_seq_len} tokens ({len(too_long)} record(s) in "
+                         f"exceeds the context window of {engine.max_seq_len} tokens{loaded.args.window_note} "
+                         f"({len(too_long)} record(s) in "
                          "all); shorten or drop such records, or lower --max_new_tokens")
     # The rejected file is resumed and sharded like the output (which RecordJob handles): cleared
     # once, scanned by every rank before any rank writes, merged by rank 0 at the end.

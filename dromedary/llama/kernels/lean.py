@@ -49,7 +49,10 @@ class LeanDecoder:
 
     @classmethod
     def build(cls, model: Transformer) -> Optional["LeanDecoder"]:
-        """The lean step for `model`, or None when some projection has no pack."""
+        """The lean step for `model`, or None when some projection has no pack or the rotation
+        table depends on the sequence length (dynamic NTK: the model's forward picks it per pass)."""
+        if model.rope_varies_with_length:
+            return None
         layers = []
         for block in model.layers:
             a, f = block.attention, block.feed_forward

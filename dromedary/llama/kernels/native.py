@@ -180,6 +180,8 @@ class NativeDecoder:
         w = model.output.weight
         if w.device.type != "cpu" or w.dtype != torch.bfloat16 or model.mp_size != 1:
             return None
+        if model.rope_varies_with_length:
+            return None  # dynamic NTK: one fixed table cannot serve every length
         read_as_is = [model.tok_embeddings.weight, model.norm.weight]
         read_as_is += [t for b in model.layers for t in (b.attention_norm.weight, b.ffn_norm.weight)]
         if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in read_as_is):
