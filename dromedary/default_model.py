@@ -166,7 +166,7 @@ def build(out_dir: Path) -> None:
     from . import distributed
     from .llama import checkpoint
     from .llama.model import Transformer
-    from .llama.tokenizer import Tokenizer
+    from .llama.tokenizer import load_tokenizer
 
     start = time.time()
     texts = corpus_texts()
@@ -181,7 +181,7 @@ def build(out_dir: Path) -> None:
     )
     corpus.unlink()
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    tok = Tokenizer(out_dir / "tokenizer.model")
+    tok = load_tokenizer(out_dir / "tokenizer.model")
 
     stream: list[int] = []
     for t in texts:

@@ -93,7 +93,7 @@ def test_greedy_generation_matches_hf(pair, tokenizer, prompts):
     for prompt, gen in zip(prompts, gens):
         expected = hf_greedy(hf, tokenizer, prompt, n)
         assert gen.tokens == expected, prompt
-        assert gen.text == tokenizer.decode(expected)
+        assert gen.text == tokenizer.decode_after(tokenizer.encode(prompt)[-1:], expected)
         assert gen.finish_reason == ("length" if len(expected) == n else "eos")
         assert gen.prompt_tokens == len(tokenizer.encode(prompt))
 

@@ -17,7 +17,7 @@ import torch
 from .. import distributed
 from ..llama import checkpoint
 from ..llama.model import ModelArgs, Transformer
-from ..llama.tokenizer import Tokenizer
+from ..llama.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -58,7 +58,10 @@ def build(
     distributed.barrier()
     path = resolve_ckpt_dir(ckpt_dir)
     reader = checkpoint.open_checkpoint(path)  # first: a mistyped --ckpt_dir is named as such
-    tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+    # The checkpoint's own tokenizer (its tokenizer.json, else its tokenizer.model) unless one is named.
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    # config.json / generation_config.json may list more end ids than the tokenizer knows.
+    tokenizer.stop_ids |= {i for i in getattr(reader, "eos_token_ids", []) if 0 <= i < tokenizer.n_words}
     torch_dtype = distributed.pick_dtype(world.device, dtype)
     source = reader.args
     if tokenizer.n_words > source.vocab_size:

@@ -202,7 +202,8 @@ class Engine:
         fast = self._fast_step if self._fast_step is not None and self._fast_step.usable() else None
 
         out_tokens: list[list[int]] = [[] for _ in range(bsz)]
-        streams = [StreamDecoder(self.tok) for _ in range(bsz)]
+        # Decoded after each row's last prompt token, so a completion keeps its leading space.
+        streams = [StreamDecoder(self.tok, context=s[-1:]) for s in suffixes]
         results: list[Optional[Generation]] = [None] * bsz
         active = list(range(bsz))  # original row index of each live batch slot
         max_stop = max((len(s) for s in params.stop), default=0)
@@ -221,7 +222,7 @@ class Engine:
             for slot, (row, token) in enumerate(zip(active, chosen.tolist())):
                 reason: Optional[FinishReason] = None
                 stream = streams[row]
-                if token == self.tok.eos_id:
+                if token in self.tok.stop_ids:
                     reason = "eos"
                 else:
                     out_tokens[row].append(token)
@@ -286,7 +287,7 @@ class Engine:
             for slot, hist in enumerate(histories):
                 _apply_ngram_penalties(logits[slot], hist, params.ngram_penalties)
         if step < params.min_new_tokens:
-            logits[:, self.tok.eos_id] = float("-inf")
+            logits[:, [i for i in self.tok.stop_ids if i < logits.shape[-1]]] = float("-inf")
         if params.temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / params.temperature, dim=-1)

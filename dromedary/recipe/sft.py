@@ -34,12 +34,14 @@ def conversation(record: dict, path: str, *, assistant_name: str, knowledge_cuto
 
 
 def encode(tok, source: str, target: str, *, source_max_len: int, target_max_len: int, add_eos: bool) -> Example:
-    """The source keeps BOS and its last source_max_len - 1 tokens (the request matters more than
-    the start of the system prompt); the target is cut at its end, so an answer too long to finish
-    never teaches EOS."""
-    src = tok.encode(source, bos=True)
+    """The source keeps BOS (where the tokenizer adds one) and its last tokens up to source_max_len
+    (the request matters more than the start of the system prompt); the target is cut at its end,
+    so an answer too long to finish never teaches EOS."""
+    src = tok.encode(source)
     if len(src) > source_max_len:
-        src = src[:1] + src[len(src) - source_max_len + 1 :] if source_max_len > 1 else src[:1]
+        head = 1 if tok.add_bos and tok.bos_id is not None else 0
+        keep = max(source_max_len - head, 0)
+        src = src[:head] + src[len(src) - keep :]
     tgt = (tok.encode(target, bos=False) + ([tok.eos_id] if add_eos else []))[:target_max_len]
     return src + tgt, len(src)
 

@@ -74,7 +74,7 @@ def chat(
 
     Args:
       ckpt_dir: LLaMA checkpoint directory, Meta or HF layout. Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply (from `dromedary finetune`).
       system: system prompt: standard, concise, verbose, multilingual, or the path of a text file.
       prompt: answer this one message, print the answer and exit.

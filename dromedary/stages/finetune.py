@@ -77,7 +77,7 @@ def finetune(
       input: JSONL of sft records (id, instruction, input, output, thoughts, source), as curate writes them.
       output_dir: where the adapter (adapter_config.json, adapter_model.safetensors), train_log.jsonl, checkpoints/ and provenance go.
       ckpt_dir: base LLaMA checkpoint, Meta or HF layout. Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       eval_input: JSONL of sft records for the held-out loss.
       eval_fraction: instead of --eval_input, hold out this fraction of INPUT (chosen by a hash of the id).
       assistant_name: the assistant's name in the system prompts and the "### NAME:" marker.

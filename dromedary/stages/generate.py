@@ -38,7 +38,7 @@ def generate(
       input: JSONL file of {"id": str, "prompt": str} records.
       output: JSONL file to append completions to (created if missing; never truncated unless --overwrite).
       ckpt_dir: LLaMA checkpoint directory, Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) layout. Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load (from `dromedary finetune`).
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
       max_new_tokens: most tokens to generate per record.

@@ -103,7 +103,7 @@ def generate_prompts(
       min_chars: import: shortest prompt kept (instruction + input), in characters.
       max_chars: import: longest prompt kept, in characters.
       ckpt_dir: LLaMA checkpoint directory, Meta or HF layout. Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load.
       model_parallel_size: processes sharing one model copy. Default: the whole world.
       max_batch_size: requests generated together. A round asks for what is missing at the yield seen so far, at most MAX_BATCH_SIZE requests per question type (tgrt) or 8 x MAX_BATCH_SIZE requests (self-instruct).

@@ -93,7 +93,7 @@ def pipeline(
     Args:
       workdir: the directory for every output (created if missing).
       ckpt_dir: the base LLaMA checkpoint, Meta or HF layout. Default: the embedded tiny model, with tiny settings.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       method: how prompts are made: tgrt (topic-guided red-teaming), self-instruct, or import (with --sources).
       num_prompts: prompts to generate (import: a sample of this many; default all). Default: 32 on the embedded model, 2000 with --ckpt_dir.
       sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.

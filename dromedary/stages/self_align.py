@@ -16,7 +16,7 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
 from ..llama.checkpoint import open_checkpoint
-from ..llama.tokenizer import Tokenizer
+from ..llama.tokenizer import load_tokenizer
 from ..recipe import templates
 
 
@@ -51,7 +51,7 @@ def self_align(
       input: JSONL prompt records {"id", "instruction", "input", "source"} (from `dromedary generate-prompts`).
       output: JSONL file to append self-align records to (created if missing; never truncated unless --overwrite).
       ckpt_dir: LLaMA base model, Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) layout. Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load.
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
       assistant_name: the assistant's name inside the prompt. Default: the internal codename of prompts/self_align.json, which `curate` renames; if you change it, pass the same name to `curate --prompt_name`.
@@ -118,7 +118,7 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     """
     path = resolve_ckpt_dir(ckpt_dir)
     window = max_seq_len or open_checkpoint(path).args.max_seq_len
-    tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+    tokenizer = load_tokenizer(tokenizer_path or path)
 
     def prefix_tokens(k: Optional[int]) -> int:
         return len(tokenizer.encode(templates.self_align_prefix(name, knowledge_cutoff, k)))

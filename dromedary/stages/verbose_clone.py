@@ -60,7 +60,7 @@ def verbose_clone(
       output: JSONL file to append the verbose sft records to.
       rejected: JSONL file to append rejected answers to (the input record + "generation" + "reject_reason"). Default: rejected answers are only counted.
       ckpt_dir: the base model the engraving adapter was trained on (Meta or HF layout). Default: the embedded tiny model.
-      tokenizer_path: SentencePiece tokenizer.model. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: the principle-engraving LoRA adapter (from `dromedary finetune`). Default: none (the bare model).
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
       assistant_name: the assistant's name, as used in finetune.
