@@ -133,6 +133,16 @@ class GGUFReader(Reader):
     def tokenizer(self) -> "GGUFTokenizer":
         return gguf_tokenizer(self.meta)
 
+    def load_tokenizer(self):
+        """The file's tokenizer behind the toolkit's one interface (tokenizer.HFTokenizer)."""
+        from .tokenizer import HFTokenizer
+
+        spec = self.tokenizer()
+        if spec.eos_id is None:
+            raise CheckpointError(f"{self.path}: tokenizer.ggml.eos_token_id is missing; pass --tokenizer_path")
+        return HFTokenizer.from_tokenizer(spec.tokenizer, bos_id=spec.bos_id, eos_id=spec.eos_id,
+                                          stop_ids=spec.eos_ids, add_bos=spec.add_bos, path=self.path)
+
 
 _TENSOR_HINTS = {
     "rope_freqs": " (rope_freqs.weight holds Llama-3.1-style RoPE scaling factors, which are not supported)",
@@ -345,7 +355,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def gguf_tokenizer(meta: _Metadata) -> GGUFTokenizer:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     path = meta.path
     kind = meta.get("tokenizer.ggml.model")
@@ -399,8 +409,10 @@ def gguf_tokenizer(meta: _Metadata) -> GGUFTokenizer:
         tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, byte_fallback=True, fuse_unk=True,
                                    unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None))
         prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
+        # SentencePiece and llama.cpp put "\u2581" before the text even when it starts with a space;
+        # a Metaspace pre-tokenizer (transformers' choice) does not, and "  a" would lose a space.
+        steps = [normalizers.Prepend("\u2581")] if prefix else []
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -463,3 +475,31 @@ def check_shapes(reader: GGUFReader) -> None:
         got = tuple(int(n) for n in reversed(t.shape))
         if got != shape:
             raise CheckpointError(f"{reader.path}: {t.name} has shape {got} but the metadata implies {shape}")
+
+
+def write_tokenizer(reader: GGUFReader, out_dir, *, layout: str) -> None:
+    """The file's tokenizer as HF files beside a converted checkpoint: tokenizer.json (with BOS in
+    its post_processor where the file adds BOS, as Llama-3's is) and tokenizer_config.json (the
+    BOS rule stated outright); for the HF layout, the BOS/EOS ids in config.json and
+    generation_config.json, so that every end-of-generation id survives the conversion."""
+    import json
+
+    from tokenizers import processors
+
+    out = Path(out_dir)
+    spec = reader.tokenizer()
+    tk = spec.tokenizer
+    if spec.add_bos:
+        bos = spec.token(spec.bos_id)
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, spec.bos_id)])
+    tk.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(spec.config(), indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    if layout == "hf":
+        ids = {"bos_token_id": spec.bos_id,
+               "eos_token_id": spec.eos_ids if len(spec.eos_ids) > 1 else spec.eos_id}
+        config = json.loads((out / "config.json").read_text())
+        config.update(ids)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
