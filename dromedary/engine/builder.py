@@ -39,6 +39,13 @@ def resolve_ckpt_dir(ckpt_dir: Optional[str]) -> Path:
     return ensure_default_model()
 
 
+def checkpoint_tokenizer(path: Path, tokenizer_path: Optional[str], reader=None) -> Tokenizer:
+    """--tokenizer_path when given; else the checkpoint's own: its tokenizer files, or a GGUF's metadata."""
+    if not tokenizer_path and (reader.layout if reader is not None else checkpoint.detect_layout(path)) == "gguf":
+        return (reader or checkpoint.open_checkpoint(path)).load_tokenizer()
+    return load_tokenizer(tokenizer_path or path)
+
+
 def build(
     ckpt_dir: Optional[str] = None,
     *,
@@ -59,7 +66,7 @@ def build(
     path = resolve_ckpt_dir(ckpt_dir)
     reader = checkpoint.open_checkpoint(path)  # first: a mistyped --ckpt_dir is named as such
     # The checkpoint's own tokenizer (its tokenizer.json, else its tokenizer.model) unless one is named.
-    tokenizer = load_tokenizer(tokenizer_path or path)
+    tokenizer = checkpoint_tokenizer(path, tokenizer_path, reader)
     # config.json / generation_config.json may list more end ids than the tokenizer knows.
     tokenizer.stop_ids |= {i for i in getattr(reader, "eos_token_ids", []) if 0 <= i < tokenizer.n_words}
     torch_dtype = distributed.pick_dtype(world.device, dtype)

@@ -217,8 +217,16 @@ def init_state(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.fl
     return state
 
 
-def detect_layout(ckpt_dir: Path) -> Layout:
+def detect_layout(ckpt_dir: Path) -> str:
+    """"meta", "hf", or "gguf" (a single .gguf file, read by llama/gguf.py)."""
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        from .gguf import is_gguf
+
+        if is_gguf(ckpt_dir):
+            return "gguf"
+        raise CheckpointError(f"{ckpt_dir}: a file, but not a GGUF file; --ckpt_dir takes a checkpoint directory "
+                              f"(Meta or HF layout) or a .gguf file")
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory does not exist")
     if (ckpt_dir / "params.json").exists() and list(ckpt_dir.glob("consolidated.*.pth")):
@@ -237,7 +245,12 @@ def open_checkpoint(ckpt_dir) -> Reader:
     """The checkpoint's reader. Its window is the files' own until `set_window` (which also checks
     it against a sliding window) is called: every model-running path calls it."""
     ckpt_dir = Path(ckpt_dir)
-    return MetaReader(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else HFReader(ckpt_dir)
+    layout = detect_layout(ckpt_dir)
+    if layout == "gguf":
+        from .gguf import GGUFReader
+
+        return GGUFReader(ckpt_dir)
+    return MetaReader(ckpt_dir) if layout == "meta" else HFReader(ckpt_dir)
 
 
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:

@@ -20,13 +20,13 @@ def convert(
     max_file_gb: float = 5.0,
     overwrite: bool = False,
 ) -> None:
-    """Convert CKPT_DIR (Meta or HF layout, detected from its files) into OUTPUT_DIR.
+    """Convert CKPT_DIR (Meta or HF layout, or a .gguf file; detected from its files) into OUTPUT_DIR.
 
     Tensors are streamed one at a time, so converting needs about one tensor's memory beyond
     what the operating system caches. HF -> Meta -> HF reproduces every tensor exactly.
 
     Args:
-      ckpt_dir: source checkpoint directory (params.json + consolidated.NN.pth, or config.json + model*.safetensors / pytorch_model*.bin).
+      ckpt_dir: source checkpoint directory (params.json + consolidated.NN.pth, or config.json + model*.safetensors / pytorch_model*.bin), or a .gguf file (dequantized; its tokenizer is written as tokenizer.json + tokenizer_config.json).
       output_dir: destination directory; must be empty or missing unless --overwrite.
       layout: "meta" (params.json + consolidated.NN.pth) or "hf" (config.json + model*.safetensors).
       num_shards: Meta layout: number of consolidated.NN.pth shards (any count; one per model-parallel rank is conventional).
@@ -52,9 +52,14 @@ def convert(
         from ..llama.lora import merge_function
 
         adjust = merge_function(adapter, reader.args)
-    tokenizer = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
+    from_gguf = reader.layout == "gguf" and not tokenizer_path  # the tokenizer is in the file's metadata
+    tokenizer = Path(tokenizer_path) if tokenizer_path else None if from_gguf else Path(ckpt_dir) / "tokenizer.model"
     checkpoint.save_checkpoint(reader, out, layout=layout, num_shards=num_shards, adjust=adjust,
                                max_file_bytes=int(max_file_gb * 2**30), tokenizer=tokenizer)
+    if from_gguf:
+        from ..llama.gguf import write_tokenizer
+
+        write_tokenizer(reader, out, layout=layout)
     records.write_provenance(out / "convert", command=sys.argv, options=dict(ckpt_dir=ckpt_dir, layout=layout,
                              num_shards=num_shards, adapter=adapter), model=str(ckpt_dir))
     print(f"wrote {layout} checkpoint ({reader.args.n_layers} layers, dim {reader.args.dim}) to {out}", file=sys.stderr)

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build, resolve_ckpt_dir
+from ..engine.builder import build, checkpoint_tokenizer, resolve_ckpt_dir
 from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
 from ..llama.checkpoint import open_checkpoint
-from ..llama.tokenizer import load_tokenizer
 from ..recipe import templates
 
 
@@ -120,7 +119,7 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     reader = open_checkpoint(path)
     window = reader.set_window(max_seq_len)
     note = reader.args.window_note  # where the window came from, when no file states it
-    tokenizer = load_tokenizer(tokenizer_path or path)
+    tokenizer = checkpoint_tokenizer(path, tokenizer_path, reader)
 
     def prefix_tokens(k: Optional[int]) -> int:
         return len(tokenizer.encode(templates.self_align_prefix(name, knowledge_cutoff, k)))
