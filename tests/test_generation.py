@@ -523,3 +523,27 @@ def test_every_token_excluded_is_an_error(engine, tokenizer):
                    SamplingParams(max_new_tokens=4, temperature=1.0, logit_bias=everything)):
         with pytest.raises(ValueError, match="every token is excluded"):
             engine.generate(["Water", "The camel"], params)
+
+
+class Substring:
+    """A StopRule standing for a pattern: any of `options`, held back while a prefix of one."""
+
+    def __init__(self, *options):
+        self.options = options
+
+    def find(self, text, start):
+        hits = [i for o in self.options if (i := text.find(o, max(0, start - len(o)))) >= 0]
+        return min(hits) if hits else None
+
+    def partial(self, text):
+        return generation.stop_prefix_len(text, self.options)
+
+
+def test_a_stop_rule_cuts_and_streams_like_a_stop_string(engine, tokenizer):
+    full = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24))[0]
+    stop, at = spanning_stop(tokenizer, full.tokens)
+    shown = []
+    g = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24, stop=[Substring("\x00never", stop)]),
+                        on_text=lambda row, delta: shown.append(delta))[0]
+    assert g.text == full.text[:at] and g.finish_reason == "stop"
+    assert "".join(shown) == g.text
