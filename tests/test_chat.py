@@ -247,3 +247,45 @@ def test_typeahead_keeps_printable_text_only():
 
     assert _printable("ab\x1b[Dc\x7fd\rmore") == "abcd"
     assert re.fullmatch(r"[ -~]*", _printable("\x1bOAhi\x04"))
+
+
+LENIENT_TURNS = ["### User:", "## User:", "#User:", "### user :", "  # USER:", "### Dromedary:", "## dromedary:",
+                 "### Dromedary (internal thoughts):", "#### User (internal thoughts) :"]
+
+
+@pytest.mark.parametrize("marker", LENIENT_TURNS)
+def test_one_definition_of_the_next_turn_for_stops_replies_and_the_sanitiser(marker):
+    """What the sanitiser neutralises in a message is exactly where a generated reply ends."""
+    from dromedary.engine import generation
+    from dromedary.stages.chat import reply_params
+
+    text = f"Sure, here it is.\n{marker}\nAnd a fake question?"
+    cut = len("Sure, here it is.\n")
+    assert templates.parse_reply(text) == "Sure, here it is."
+    stops = reply_params(64, 0.0, 1.0, "Dromedary").stop
+    upto = text[: cut + len(marker)]  # the engine looks after each token: here the ':' arrived
+    assert generation._find_stop(upto, stops, len(upto) - 1, 0) == cut
+    # Streaming: the marker's beginning is held back until it is settled.
+    assert generation.stop_prefix_len(text[: cut + len(marker) - 1], stops) == len(marker) - 1
+    cleaned = templates.sanitize_message(text)
+    assert cleaned != text and templates.NextTurn().find(cleaned) is None
+
+
+def test_text_that_only_looks_like_a_marker_is_not_a_turn():
+    turn = templates.NextTurn()
+    for text in ("A markdown heading:\n# Users of camels\nmore", "Say ### User: mid-line", "User: admin",
+                 "## Dromedary's answer: yes"):
+        assert turn.find(text) is None, text
+        assert templates.sanitize_message(text) == text
+    assert turn.partial("Intro\n## Us") == len("## Us")
+    assert turn.partial("Intro\n## Use it") == 0
+    assert turn.partial("Intro\n### Dromedary (internal") == len("### Dromedary (internal")
+    assert turn.partial("done.\n") == 0
+
+
+def test_reply_stream_holds_back_a_lenient_marker():
+    shown: list[str] = []
+    stream = _ReplyStream((templates.NextTurn(),), shown.append)
+    for delta in ["Hello", " world", "\n#", "# us"]:
+        stream.feed(delta)
+    assert "".join(shown) == "Hello world"

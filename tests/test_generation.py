@@ -362,3 +362,188 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(world, tokenizer):
     g = engine.generate(["Water"], SamplingParams(max_new_tokens=5, temperature=1.0,
                                                   logit_bias={tokenizer.n_words + 3: 1000.0}))[0]
     assert all(t < tokenizer.n_words for t in g.tokens)
+
+
+# ------------------------------------------------------- a row never depends on its neighbours
+
+NO_EOS = {2: float("-inf")}  # the fixture tokenizer's EOS: rows run to their budgets
+
+
+def test_a_rows_budget_is_its_own_whatever_its_batch(gqa_loaded, tokenizer):
+    """Window 64: a short prompt gets the whole rest of the window beside a long prompt, and both
+    rows are bit for bit what they are alone (fp32)."""
+    engine = Engine(gqa_loaded.model, tokenizer, max_seq_len=64)
+    short = tokenizer.encode("The camel walks")
+    long = tokenizer.encode(" ".join(["water river city people"] * 12))[:45]
+    params = SamplingParams(max_new_tokens=100, logit_bias=NO_EOS)
+    alone = [engine.generate([p], params, seeds=[5])[0] for p in (short, long)]
+    assert [len(a.tokens) for a in alone] == [64 - len(short), 64 - 45]
+    for batch in ([short, long], [long, short]):
+        together = engine.generate(batch, params, seeds=[5, 5])
+        for g in together:
+            a = alone[0] if len(g.tokens) == 64 - len(short) else alone[1]
+            assert (g.tokens, g.text, g.finish_reason) == (a.tokens, a.text, "length")
+    # Sampled, and with a shared prefix (rows start alike): the same rule.
+    shared = tokenizer.encode(SHARED)[:20]
+    rows = [shared + short[1:], (shared + long[1:])[:58]]
+    sampled = SamplingParams(max_new_tokens=100, temperature=1.0, logit_bias=NO_EOS)
+    alone = [Engine(gqa_loaded.model, tokenizer, max_seq_len=64).generate([r], sampled, seeds=[i])[0]
+             for i, r in enumerate(rows)]
+    together = engine.generate(rows, sampled, seeds=[0, 1])
+    assert engine._prefix is not None  # the rows went through the shared-prefix path
+    assert [g.tokens for g in together] == [a.tokens for a in alone]
+    assert [len(g.tokens) for g in together] == [64 - len(r) for r in rows]
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensor storage allocated under the mode and still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.owners = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                key = t.untyped_storage().data_ptr()
+                if key not in self.owners and t.untyped_storage().nbytes():
+                    n = t.untyped_storage().nbytes()
+                    self.owners[key] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key)
+        return out
+
+    def _free(self, key):
+        self.live -= self.owners.pop(key, 0)
+
+
+def test_rows_leaving_the_batch_do_not_raise_peak_memory(gqa_loaded, tokenizer):
+    """Rows finish one after another (each at its own budget); the KV cache is never held twice."""
+    engine = Engine(gqa_loaded.model, tokenizer)
+    # Short prompts (2-5 tokens), so that the cache, not the first pass's activations, is the peak.
+    prompts = [tokenizer.encode("The camel walks across the desert")[:n] for n in (2, 3, 4, 5)]
+    params = SamplingParams(max_new_tokens=1000, logit_bias=NO_EOS)
+    expected = [engine.generate([p], params)[0].tokens for p in prompts]
+    engine.model.rope("cpu")  # the rotary table exists before the measure
+    args = gqa_loaded.model.args
+    slots = engine.max_seq_len  # each row's prompt + budget
+    cache_bytes = 2 * args.n_layers * len(prompts) * args.kv_heads * slots * args.head_size * 4
+    with LiveBytes() as mem:
+        gens = engine.generate(prompts, params)
+    assert [g.tokens for g in gens] == expected
+    assert [len(g.tokens) for g in gens] == [engine.max_seq_len - len(p) for p in prompts]
+    # The cache plus the first pass's activations (under 10% here); a second copy of the live rows
+    # at the first finished row would be 1.75x.
+    assert mem.peak < 1.25 * cache_bytes, (mem.peak, cache_bytes)
+
+
+def test_compaction_moves_rows_within_the_same_buffers():
+    from dromedary.llama.model import KVCache
+
+    k = [torch.arange(5.0)[:, None, None, None].expand(5, 2, 6, 3).contiguous() for _ in range(2)]
+    cache = KVCache(k=list(k), v=[t.clone() for t in k])
+    ptrs = [t.data_ptr() for t in cache.k + cache.v]
+    keep = generation._compact(cache, finished=[1, 3], n_slots=5, span=4)
+    assert keep == [0, 4, 2]
+    assert [t.data_ptr() for t in cache.k + cache.v] == ptrs and all(t.is_contiguous() for t in cache.k)
+    for t in cache.k + cache.v:
+        assert t.shape[0] == 3
+        assert t[:, 0, :4, 0].tolist() == [[0.0] * 4, [4.0] * 4, [2.0] * 4]
+
+
+# --------------------------------------------------------------- pinned and stale prefixes
+
+def test_a_batch_sharing_more_than_the_pinned_prefix_keeps_the_pin(engine, uncached, tokenizer, monkeypatch):
+    pin = tokenizer.encode(SHARED)
+    engine.cache_prefix(pin)
+    fills = []
+    real = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **k: fills.append(k.get("prefix_only")) or real(*a, **k))
+    grown = SHARED
+    while len(tokenizer.encode(grown)) < len(pin) + 70:
+        grown += " The camel walks across the desert sand to the river city."
+    long_batch = [grown + " Tea", grown + " Bread and coffee"]
+    assert run(engine, long_batch, GREEDY) == run(uncached, long_batch, GREEDY)
+    # The next ordinary batch attends the pinned block: nothing is filled again.
+    fills.clear()
+    assert run(engine, BATCH_A, GREEDY) == run(uncached, BATCH_A, GREEDY)
+    assert True not in fills
+    assert engine._prefix.tokens == tuple(pin)
+
+
+def fresh_engine(tokenizer, seed=3):
+    from helpers_ckpt import GQA
+
+    from dromedary.llama import checkpoint
+    from dromedary.llama.model import Transformer
+
+    model = Transformer(GQA)
+    model.load_state_dict(checkpoint.init_state(GQA, seed=seed, std=0.3))
+    model.eval()
+    return Engine(model, tokenizer), Uncached(model, tokenizer)
+
+
+@pytest.mark.parametrize("change", ["in_place", "reassigned", "pinned"])
+def test_a_weight_change_drops_the_cached_prefix(world, tokenizer, change):
+    engine, uncached = fresh_engine(tokenizer)
+    if change == "pinned":
+        engine.cache_prefix(tokenizer.encode(SHARED))
+    engine.generate(BATCH_A, GREEDY)
+    assert engine._prefix is not None
+    wk = engine.model.layers[0].attention.wk
+    with torch.no_grad():
+        if change == "reassigned":
+            wk.weight = torch.nn.Parameter(wk.weight * 3.0, requires_grad=False)
+        else:
+            wk.weight.mul_(3.0)
+    assert run(engine, BATCH_B, GREEDY) == run(uncached, BATCH_B, GREEDY)
+    if change == "pinned":
+        assert engine._pinned.tokens == tuple(tokenizer.encode(SHARED))
+
+
+# ------------------------------------------------------------------------------- bad logits
+
+def test_nan_logits_are_an_error_not_the_last_token(world, tokenizer):
+    engine, _ = fresh_engine(tokenizer)
+    with torch.no_grad():
+        engine.model.norm.weight[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        engine.generate(["The camel"], GREEDY)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        engine.generate(["The camel"], SAMPLED)
+
+
+def test_every_token_excluded_is_an_error(engine, tokenizer):
+    everything = {t: float("-inf") for t in range(tokenizer.n_words)}
+    for params in (SamplingParams(max_new_tokens=4, logit_bias=everything),
+                   SamplingParams(max_new_tokens=4, temperature=1.0, logit_bias=everything)):
+        with pytest.raises(ValueError, match="every token is excluded"):
+            engine.generate(["Water", "The camel"], params)
+
+
+class Substring:
+    """A StopRule standing for a pattern: any of `options`, held back while a prefix of one."""
+
+    def __init__(self, *options):
+        self.options = options
+
+    def find(self, text, start):
+        hits = [i for o in self.options if (i := text.find(o, max(0, start - len(o)))) >= 0]
+        return min(hits) if hits else None
+
+    def partial(self, text):
+        return generation.stop_prefix_len(text, self.options)
+
+
+def test_a_stop_rule_cuts_and_streams_like_a_stop_string(engine, tokenizer):
+    full = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24))[0]
+    stop, at = spanning_stop(tokenizer, full.tokens)
+    shown = []
+    g = engine.generate(PLAIN[:1], SamplingParams(max_new_tokens=24, stop=[Substring("\x00never", stop)]),
+                        on_text=lambda row, delta: shown.append(delta))[0]
+    assert g.text == full.text[:at] and g.finish_reason == "stop"
+    assert "".join(shown) == g.text

@@ -6,15 +6,20 @@ products and where the shared prefix ends, which can resolve a near-tie differen
 batched bf16 engine). When the rows of a batch share a long token prefix (the self-align prompt is
 2-3k tokens of principles and exemplars), its keys and values are computed once, kept across calls,
 and attended by every row without being copied per row or per step (`model.merge_attention`).
-Finished rows leave the batch.
+
+Each row has its own token budget (`max_new_tokens`, or what its own prompt leaves of the window)
+and finishes on its own. A finished row leaves the batch by having a live row moved into its slots
+of the same KV-cache buffers, so the cache is never held twice. The cached prefixes are tied to the
+weights they were computed with: a changed weight or adapter drops them (`_WeightsState`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -37,7 +42,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means off
-    stop: Sequence[str] = ()
+    stop: Sequence[Union[str, "StopRule"]] = ()
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     # The original Dromedary's penalties: a candidate token is penalised by `penalty[n-1]` times
     # the number of times it already followed the current (n-1)-token context in the generated
@@ -73,10 +78,45 @@ def row_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class StopRule(Protocol):
+    """A stop that is not a fixed string (e.g. any form of a chat turn marker): `find` gives the
+    index in `text` where the first match begins, looking at matches that end after `start`;
+    `partial` the length of the longest end of `text` that could still grow into a match."""
+
+    def find(self, text: str, start: int) -> Optional[int]: ...
+
+    def partial(self, text: str) -> int: ...
+
+
+class _WeightsState:
+    """What the model's outputs depend on besides the tokens: every parameter (by identity, held
+    weakly, and its in-place `_version`) and the adapter switches of LoRA layers. As with
+    `model.PackedFrom`, a replaced module, a reassigned weight or an in-place update (a training
+    step, a loaded adapter) makes keys and values computed before it stale."""
+
+    def __init__(self, model: Transformer):
+        self.params = [(weakref.ref(p), p._version) for p in model.parameters()]
+        self.switches = _adapter_switches(model)
+
+    def current(self, model: Transformer) -> bool:
+        params = list(model.parameters())
+        return (len(params) == len(self.params)
+                and all(ref() is p and p._version == v for (ref, v), p in zip(self.params, params))
+                and _adapter_switches(model) == self.switches)
+
+
+def _adapter_switches(model: Transformer) -> tuple:
+    # peft's LoRA layers: an adapter turned off, merged into the weight, or rescaled.
+    return tuple((getattr(m, "disable_adapters", None), getattr(m, "merged", None),
+                  tuple(sorted(getattr(m, "scaling", {}).items())))
+                 for m in model.modules() if hasattr(m, "disable_adapters"))
+
+
 @dataclass
 class _Prefix:
     tokens: tuple[int, ...]
     cache: KVCache
+    weights: Optional[_WeightsState] = None
 
 
 class Engine:
@@ -92,7 +132,10 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = max_seq_len or model.args.max_seq_len
+        # The last shared prefix a batch used, and the one `cache_prefix` pinned (kept whatever
+        # the batches share beyond it; the two may be the same block).
         self._prefix: Optional[_Prefix] = None
+        self._pinned: Optional[_Prefix] = None
         # Ids the model may emit but the tokenizer cannot decode (embedding rows past the
         # tokenizer's vocabulary) are never sampled.
         self.n_words = min(tokenizer.n_words, model.args.vocab_size)
@@ -132,12 +175,13 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(row)} tokens; the context window is {self.max_seq_len}"
                                  + (self.model.args.window_note if self.max_seq_len == self.model.args.max_seq_len else ""))
         seeds = list(seeds) if seeds is not None else [row_seed(seed, str(i)) for i in range(len(ids))]
+        self._drop_stale_prefixes()
         prefix = self._shared_prefix(ids)
         p_len = len(prefix.tokens) if prefix else 0
         suffixes = [row[p_len:] for row in ids]
-        longest = max(len(r) for r in ids)
-        budget = min(params.max_new_tokens, self.max_seq_len - longest)
-        return self._decode(suffixes, p_len, prefix, params, budget, seeds, on_text, [len(r) for r in ids])
+        # Each row's own budget: what its prompt leaves of the window, never its neighbours'.
+        budgets = [min(params.max_new_tokens, self.max_seq_len - len(r)) for r in ids]
+        return self._decode(suffixes, p_len, prefix, params, budgets, seeds, on_text, [len(r) for r in ids])
 
     @torch.inference_mode()
     def cache_prefix(self, prefix: str | Sequence[int]) -> None:
@@ -148,13 +192,30 @@ class Engine:
         ids = self.tok.encode(prefix) if isinstance(prefix, str) else list(prefix)
         if len(ids) < MIN_PREFIX_TOKENS:
             return
-        cached = self._prefix
-        if cached is not None and cached.tokens == tuple(ids):
-            return
+        self._drop_stale_prefixes()
+        for cached in (self._pinned, self._prefix):
+            if cached is not None and cached.tokens == tuple(ids):
+                self._pinned = self._prefix = cached
+                return
+        self._prefix = None  # freed before the new block is computed
+        self._pinned = self._prefix = self._fill_prefix(ids)
+
+    def _fill_prefix(self, ids: Sequence[int]) -> _Prefix:
         cache = KVCache(k=[], v=[])
-        self.model(torch.tensor([ids], device=self.device), cache=cache, prefix_only=True,
+        self.model(torch.tensor([list(ids)], device=self.device), cache=cache, prefix_only=True,
                    output_index=torch.tensor([len(ids) - 1], device=self.device))
-        self._prefix = _Prefix(tuple(ids), cache)
+        return _Prefix(tuple(ids), cache, _WeightsState(self.model))
+
+    def _drop_stale_prefixes(self) -> None:
+        """Keys and values computed with other weights are dropped; the pinned prefix is
+        recomputed from its tokens (it was asked for, so the next batch will want it)."""
+        pinned, last = self._pinned, self._prefix
+        if last is not None and last is not pinned and not last.weights.current(self.model):
+            self._prefix = None
+        if pinned is not None and not pinned.weights.current(self.model):
+            self._pinned = self._prefix = None
+            self._pinned = self._fill_prefix(pinned.tokens)
+            self._prefix = self._prefix or self._pinned
 
     def _shared_prefix(self, ids: list[list[int]]) -> Optional[_Prefix]:
         # Every row must keep at least one token of its own, whose logits start the generation.
@@ -163,17 +224,21 @@ class Engine:
         first = ids[0]
         while common < limit and all(r[common] == first[common] for r in ids):
             common += 1
-        cached = self._prefix
-        if cached is not None:
+        # The longest cached block every row starts with (the last one used may extend the pin).
+        for cached in sorted({id(p): p for p in (self._prefix, self._pinned) if p is not None}.values(),
+                             key=lambda p: -len(p.tokens)):
             n = len(cached.tokens)
             if n <= limit and all(tuple(r[:n]) == cached.tokens for r in ids):
                 # A conversation that grew by a turn extends the cached prefix instead of
-                # recomputing it; a short growth stays in the rows.
-                return cached if common - n < 64 else self._extend_prefix(cached, first[n:common])
+                # recomputing it; a short growth stays in the rows. Extending makes a new block:
+                # the pinned one stays as it is.
+                self._prefix = cached if common - n < 64 else self._extend_prefix(cached, first[n:common])
+                return self._prefix
         if common < MIN_PREFIX_TOKENS:
             return None
-        self._prefix = None
-        self.cache_prefix(first[:common])
+        if self._prefix is not self._pinned:
+            self._prefix = None  # freed before the new block is computed
+        self._prefix = self._fill_prefix(first[:common])
         return self._prefix
 
     def _extend_prefix(self, cached: _Prefix, new: list[int]) -> _Prefix:
@@ -187,17 +252,17 @@ class Engine:
         # (1, kvh, P, D) + (1, kvh, T, D) along the slots.
         cache = KVCache(k=[], v=[], prefix_k=[torch.cat(kv, dim=2) for kv in zip(cached.cache.prefix_k, rows.k)],
                         prefix_v=[torch.cat(kv, dim=2) for kv in zip(cached.cache.prefix_v, rows.v)])
-        self._prefix = _Prefix(cached.tokens + tuple(new), cache)
-        return self._prefix
+        return _Prefix(cached.tokens + tuple(new), cache, _WeightsState(self.model))
 
-    def _decode(self, suffixes, p_len, prefix, params, budget, seeds, on_text, prompt_lens) -> list[Generation]:
+    def _decode(self, suffixes, p_len, prefix, params, budgets, seeds, on_text, prompt_lens) -> list[Generation]:
         bsz = len(suffixes)
         lens = torch.tensor([len(s) for s in suffixes], device=self.device)
         width = int(lens.max())
         tokens = torch.zeros(bsz, width, dtype=torch.long, device=self.device)
         for i, s in enumerate(suffixes):
             tokens[i, : len(s)] = torch.tensor(s, device=self.device)
-        cache, first_slot = self._rows_cache(prefix, bsz, width + budget)
+        # Row i writes slots up to len(suffix i) + budget i - 1: the longest such row sizes the cache.
+        cache, first_slot = self._rows_cache(prefix, bsz, max(len(s) + b for s, b in zip(suffixes, budgets)))
         positions = p_len + torch.arange(width, device=self.device)[None].expand(bsz, width)
         logits = self.model(tokens, positions, cache, output_index=lens - 1)[:, 0]
         fast = self._fast_step if self._fast_step is not None and self._fast_step.usable() else None
@@ -207,7 +272,7 @@ class Engine:
         streams = [StreamDecoder(self.tok, context=s[-1:]) for s in suffixes]
         results: list[Optional[Generation]] = [None] * bsz
         active = list(range(bsz))  # original row index of each live batch slot
-        max_stop = max((len(s) for s in params.stop), default=0)
+        max_stop = max((len(s) for s in params.stop if isinstance(s, str)), default=0)
         shown = [0] * bsz  # characters of each row's text already passed to on_text
         next_pos = lens + first_slot  # cache slot of each live row's next token
 
@@ -216,8 +281,9 @@ class Engine:
                 on_text(row, streams[row].text[shown[row] : upto])
             shown[row] = max(shown[row], upto)
 
-        for step in range(budget):
-            chosen = self._sample(logits, [out_tokens[r] for r in active], [seeds[r] for r in active], params, step)
+        for step in range(max(budgets)):
+            chosen = self._sample(logits, [out_tokens[r] for r in active], [seeds[r] for r in active], params, step,
+                                  active)
             distributed.broadcast_tensor_mp(chosen)
             finished = []
             for slot, (row, token) in enumerate(zip(active, chosen.tolist())):
@@ -228,16 +294,16 @@ class Engine:
                 else:
                     out_tokens[row].append(token)
                     delta = stream.feed(token)
-                    cut = _find_stop(stream.text, params.stop, len(stream.text) - len(delta) - max_stop) if delta else None
+                    cut = _find_stop(stream.text, params.stop, len(stream.text) - len(delta), max_stop) if delta else None
                     if cut is not None:
                         stream.emitted = stream.text[:cut]
                         reason = "stop"
-                    elif step + 1 == budget:
+                    elif step + 1 == budgets[row]:
                         reason = "length"
                     elif on_text is not None and delta:
                         # Hold back a tail that may still grow into a stop string, so what is
                         # streamed is always a prefix of the final text.
-                        show(row, len(stream.text) - _stop_prefix_len(stream.text, params.stop))
+                        show(row, len(stream.text) - stop_prefix_len(stream.text, params.stop))
                 if reason is not None:
                     if reason != "stop":
                         stream.flush()
@@ -245,15 +311,13 @@ class Engine:
                     results[row] = Generation(stream.text, out_tokens[row], reason, prompt_lens[row])
                     finished.append(slot)
             if finished:
-                keep = [s for s in range(len(active)) if s not in finished]
-                if not keep:
+                if len(finished) == len(active):
                     break
+                # Finished rows leave the batch: later steps cost nothing for them.
+                keep = _compact(cache, finished, len(active), int(next_pos.max()))
                 keep_t = torch.tensor(keep, device=self.device)
                 active = [active[s] for s in keep]
                 chosen, next_pos = chosen[keep_t], next_pos[keep_t]
-                # Finished rows leave the batch: later steps cost nothing for them.
-                cache.k = [t.index_select(0, keep_t) for t in cache.k]
-                cache.v = [t.index_select(0, keep_t) for t in cache.v]
             if fast is not None:
                 logits = fast.step(chosen, next_pos.tolist(), cache)
             else:
@@ -279,7 +343,7 @@ class Engine:
         return cache, 0
 
     def _sample(self, logits: torch.Tensor, histories: list[list[int]], seeds: list[int], params: SamplingParams,
-                step: int):
+                step: int, rows: Sequence[int] = ()):
         logits = logits.float()
         logits[:, self.n_words :] = float("-inf")
         for token, bias in params.logit_bias.items():
@@ -289,6 +353,7 @@ class Engine:
                 _apply_ngram_penalties(logits[slot], hist, params.ngram_penalties)
         if step < params.min_new_tokens:
             logits[:, [i for i in self.tok.stop_ids if i < logits.shape[-1]]] = float("-inf")
+        _check_logits(logits, rows, step)
         if params.temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -365,10 +430,46 @@ def _available_memory() -> int:
         return 0
 
 
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of some stop string."""
+def _compact(cache: KVCache, finished: Sequence[int], n_slots: int, span: int) -> list[int]:
+    """Drop the `finished` batch slots from `cache` in place; returns, for each remaining slot, the
+    old slot whose row it now holds. The last live rows move into the holes (their slots [0, span),
+    all that was written), so each finished row costs one row's copy and no new buffer: the cache
+    tensors become leading views of the same storage (and stay contiguous, as native.py needs)."""
+    done = set(finished)
+    n_keep = n_slots - len(done)
+    movers = [s for s in range(n_keep, n_slots) if s not in done]
+    keep = [movers.pop() if s in done else s for s in range(n_keep)]
+    for dst, src in enumerate(keep):
+        if dst != src:
+            for t in cache.k + cache.v:  # (B, kvh, S, D): row src -> row dst, no overlap
+                t[dst, :, :span].copy_(t[src, :, :span])
+    cache.k = [t[:n_keep] for t in cache.k]
+    cache.v = [t[:n_keep] for t in cache.v]
+    return keep
+
+
+def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int) -> None:
+    """NaN (or +inf) logits sample the last id, and so do logits that exclude every token: both
+    are errors to report, not tokens. One reduction per step; it syncs where `chosen` does anyway."""
+    top = logits.max(dim=-1).values  # NaN if any NaN; -inf if every token is excluded
+    if bool(torch.isfinite(top).all()):
+        return
+    slot = int((~torch.isfinite(top)).nonzero()[0, 0])
+    row = rows[slot] if rows else slot
+    if torch.isneginf(top[slot]):
+        raise ValueError(f"prompt {row}, new token {step + 1}: every token is excluded (logit_bias of -inf, or "
+                         "min_new_tokens holding off the only possible token); allow at least one token")
+    raise FloatingPointError(f"prompt {row}, new token {step + 1}: the model's logits are NaN or infinite; the "
+                             "weights hold NaN/inf or the dtype overflowed: check the checkpoint, or try --dtype fp32")
+
+
+def stop_prefix_len(text: str, stops: Sequence[str | StopRule]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop."""
     best = 0
     for stop in stops:
+        if not isinstance(stop, str):
+            best = max(best, stop.partial(text))
+            continue
         for n in range(min(len(stop) - 1, len(text)), best, -1):
             if text.endswith(stop[:n]):
                 best = n
@@ -376,9 +477,11 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
-    """Index in `text` where the earliest stop string begins, searching from `start`."""
-    hits = [i for s in stops if s and (i := text.find(s, max(0, start))) >= 0]
+def _find_stop(text: str, stops: Sequence[str | StopRule], start: int, max_len: int) -> Optional[int]:
+    """Index in `text` where the earliest stop begins, among those ending after `start` (a string
+    stop of at most `max_len` characters begins at `start - max_len` or later)."""
+    hits = [i for s in stops if isinstance(s, str) and s and (i := text.find(s, max(0, start - max_len))) >= 0]
+    hits += [i for s in stops if not isinstance(s, str) and (i := s.find(text, start)) is not None]
     return min(hits) if hits else None
 
 

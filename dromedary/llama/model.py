@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -325,12 +326,84 @@ class Attention(nn.Module):
             cache.v[layer][step.rows, :, step.slots] = v
         keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
         values = cache.v[layer][:bsz, :, : step.span]
+        folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if _cuda_kernels(q.device) else None
         if not cache.prefix_k:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer])
+            return gqa_attention(q, keys, values, step.mask, folded)
+        return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer], folded)
 
 
-def merge_attention(q, keys, values, mask, prefix_k, prefix_v) -> torch.Tensor:
+# --------------------------------------------------------------------------------------------
+# Attention kernels by device.
+#
+# CUDA: no fused SDPA kernel takes a mask together with `enable_gqa`, so PyTorch runs its math
+# kernel (every score materialised) for ragged rows. Folding the `rep` query heads of each kv group
+# into query rows, (B, H, T, D) -> (B, kvh, rep * T, D), turns grouped-query attention into plain
+# attention with kvh heads, which the memory-efficient kernel runs with a mask (and with the
+# log-sum-exp that the shared-prefix merge needs): no key or value is copied, only the mask is
+# repeated for the folded rows, once per pass. CPU: the flash kernel takes GQA and a mask as they
+# are; it is kept (measured faster there).
+
+
+def _cuda_kernels(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def fold_heads(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, kvh, rep * T, D): query head g * rep + r, row t becomes head g, row r * T + t."""
+    bsz, n_heads, seqlen, head_dim = q.shape
+    return q.reshape(bsz, kv_heads, (n_heads // kv_heads) * seqlen, head_dim)
+
+
+def unfold_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, kvh, rep * T, ...) -> (B, H, T, ...), the inverse of `fold_heads` (also for the lse)."""
+    bsz, kv_heads, rows = x.shape[:3]
+    return x.reshape(bsz, n_heads, rows * kv_heads // n_heads, *x.shape[3:])
+
+
+def fold_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """Additive mask (B|1, 1, T, S) -> (B|1, 1, rep * T, S) for folded query rows, with its rows
+    16-element aligned as the memory-efficient kernel needs (a view into a padded buffer)."""
+    m, _, seqlen, span = mask.shape
+    buf = mask.new_empty(m, 1, rep * seqlen, -(-span // 16) * 16)[..., :span]
+    buf.unflatten(2, (rep, seqlen)).copy_(mask[:, :, None])  # (m, 1, rep, T, S) <- (m, 1, 1, T, S)
+    return buf
+
+
+def gqa_attention(q, k, v, mask: Optional[torch.Tensor], folded_mask: Optional[torch.Tensor] = None):
+    """SDPA of q (B, H, T, D) over k, v (B, kvh, S, D) under an additive mask (B|1, 1, T, S) or
+    none; `folded_mask`: `fold_mask(mask, H // kvh)` when the caller keeps one per pass."""
+    if mask is None or not _cuda_kernels(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return _fused_with_lse(q, k, v, mask, folded_mask)[0]
+
+
+def _fused_with_lse(q, k, v, mask, folded_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` through the memory-efficient kernel, query heads folded (CUDA)."""
+    n_heads, kv_heads = q.shape[1], k.shape[1]
+    bias = None
+    if mask is not None:
+        bias = folded_mask if folded_mask is not None else fold_mask(mask, n_heads // kv_heads)
+    folded = fold_heads(q, kv_heads)  # (B, kvh, rep * T, D)
+    bsz, _, rows, _ = folded.shape
+    if bias is not None:
+        bias = bias.expand(bsz, kv_heads, rows, bias.shape[-1])  # strides 0: no copy
+    global _FUSED_REFUSED
+    if _FUSED_REFUSED is None:
+        try:
+            out, lse = _EFFICIENT(folded, k, v, bias, True)[:2]
+        except RuntimeError as e:  # a shape or GPU the kernel does not take: slower, still exact
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            _FUSED_REFUSED = str(e).splitlines()[0]
+            warnings.warn(f"the memory-efficient attention kernel refused ({_FUSED_REFUSED}); "
+                          "attention with a mask runs on PyTorch's math path from now on")
+    if _FUSED_REFUSED is not None:
+        return _math_with_lse(q, k, v, mask)
+    # The kernel pads the lse rows (to a multiple of 32): keep the real ones.
+    return unfold_heads(out, n_heads), unfold_heads(lse[..., :rows].float(), n_heads)
+
+
+def merge_attention(q, keys, values, mask, prefix_k, prefix_v, folded_mask=None) -> torch.Tensor:
     """Attention of q (B, H, T, D) over a shared prefix (1, kvh, P, D) and each row's own keys
     and values (B, kvh, S, D) under one softmax: each block is attended separately and the two
     are merged by their log-sum-exps. The prefix is the same for every row, so the batch is folded
@@ -342,30 +415,38 @@ def merge_attention(q, keys, values, mask, prefix_k, prefix_v) -> torch.Tensor:
     out_p, lse_p = attention_with_lse(folded, prefix_k, prefix_v)
     out_p = out_p.view(kvh, bsz, -1, head_dim).transpose(0, 1).reshape(q.shape)  # (B, H, T, D)
     lse_p = lse_p.view(kvh, bsz, -1).transpose(0, 1).reshape(bsz, n_heads, seqlen)  # (B, H, T)
-    out_s, lse_s = attention_with_lse(q, keys, values, mask)
+    out_s, lse_s = attention_with_lse(q, keys, values, mask, folded_mask)
     lse = torch.logaddexp(lse_p, lse_s)
     out = out_p * (lse_p - lse).exp()[..., None] + out_s * (lse_s - lse).exp()[..., None]
     return out.type_as(q)
 
 
-def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None,
+                       folded_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention over one key block that also returns the block's log-sum-exp
     of scores, so that blocks attended separately merge exactly.
 
     q: (B, H, T, D); k, v: (B, kvh, S, D), query head h reading kv head h // (H / kvh);
-    mask: additive (B|1, 1, T, S) in q's dtype. Returns out (B, H, T, D) and lse (B, H, T) in fp32.
+    mask: additive (B|1, 1, T, S) in q's dtype (`folded_mask`: as in `gqa_attention`). Returns
+    out (B, H, T, D) and lse (B, H, T) in fp32.
     """
+    if _cuda_kernels(q.device):
+        return _fused_with_lse(q, k, v, mask, folded_mask)
     if q.device.type == "cpu" and _FLASH_CPU is not None:
         # The kernel behind CPU SDPA: fp32 accumulation, strided k/v and GQA taken as they are.
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)[:2]
         return out, lse
+    return _math_with_lse(q, k, v, mask)
+
+
+def _math_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, n_heads, seqlen, head_dim = q.shape
     # Scores are materialised in fp32 here: take the query rows in chunks that keep them near
     # SCORE_CHUNK_BYTES (the rows of a 64-prompt self-align batch over a 3k-token prefix would
     # otherwise need gigabytes at once).
     rows = max(1, SCORE_CHUNK_BYTES // (4 * bsz * n_heads * k.shape[2]))
     if seqlen > rows:
-        parts = [attention_with_lse(q[:, :, i : i + rows], k, v, None if mask is None else mask[:, :, i : i + rows])
+        parts = [_math_with_lse(q[:, :, i : i + rows], k, v, None if mask is None else mask[:, :, i : i + rows])
                  for i in range(0, seqlen, rows)]
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
     qg = q.unflatten(1, (k.shape[1], -1))  # (B, kvh, rep, T, D): kv broadcasts over rep
@@ -378,6 +459,9 @@ def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None) -> tuple[to
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# (q, k, v, bias, compute_log_sumexp) -> (out, lse padded, ...): equal head counts, CUDA only.
+_EFFICIENT = torch.ops.aten._scaled_dot_product_efficient_attention
+_FUSED_REFUSED: Optional[str] = None  # why the kernel refused once, after which it is not tried again
 SCORE_CHUNK_BYTES = 256 << 20
 
 
@@ -393,6 +477,13 @@ class Step:
     start: Optional[int] = None  # set when every row writes slots [start, start + T)
     prefix_only: bool = False
     layer: int = 0
+    _folded: Optional[torch.Tensor] = None
+
+    def cuda_mask(self, rep: int) -> Optional[torch.Tensor]:
+        """`fold_mask(mask, rep)`, made once per pass for every layer (the CUDA kernels)."""
+        if self.mask is not None and self._folded is None:
+            self._folded = fold_mask(self.mask, rep)
+        return None if self.mask is None else self._folded
 
 
 class FeedForward(nn.Module):

@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal, Optional, TypedDict, get_args
 
 DEFAULT_ASSISTANT_NAME = "Dromedary"
 DEFAULT_KNOWLEDGE_CUTOFF = "September 2021"
@@ -174,7 +174,8 @@ def assistant_marker(assistant_name: str = DEFAULT_ASSISTANT_NAME) -> str:
 
 
 def stop_strings(assistant_name: str = DEFAULT_ASSISTANT_NAME) -> list[str]:
-    """Where a generated reply must end: the model starting the next turn of either side."""
+    """The two markers exactly as the format writes them. Where a reply ends is `NextTurn`: these
+    and every lenient form of them at the start of a line."""
     return [user_marker(), assistant_marker(assistant_name)]
 
 
@@ -187,6 +188,51 @@ def _role_marker_pattern(assistant_name: str) -> re.Pattern[str]:
         rf"^(?P<indent>[ \t]*)#+[ \t]*(?P<role>(?:{roles})(?:[ \t]*\(internal thoughts\))?)[ \t]*:",
         re.IGNORECASE | re.MULTILINE,
     )
+
+
+_THOUGHTS = "(internal thoughts)"
+
+
+class NextTurn:
+    """The one definition of "the next turn starts here": a role marker (User or the assistant's
+    name) at the start of a line, in any of the forms `sanitize_message` neutralises ("### User:",
+    "## user :", "# Dromedary (internal thoughts):"). The engine stops on it (a `StopRule` of
+    generation.py), `parse_reply` cuts at it, and the sanitiser makes sure no message contains one.
+    """
+
+    def __init__(self, assistant_name: str = DEFAULT_ASSISTANT_NAME):
+        self.pattern = _role_marker_pattern(_check_name(assistant_name))
+        self.roles = ("user", assistant_name.lower())
+
+    def find(self, text: str, start: int = 0) -> Optional[int]:
+        """Index of the line start where the first marker ending after `start` begins, or None."""
+        line = text.rfind("\n", 0, max(0, start)) + 1  # a marker may have begun earlier in its line
+        match = self.pattern.search(text, line)  # '^' matches only at line starts, `line` included
+        return match.start() if match else None
+
+    def partial(self, text: str) -> int:
+        """Length of the end of `text` that may still grow into a marker: its last line, when that
+        line reads as the beginning of one ("##", "### Us", "### Dromedary (int")."""
+        line = text[text.rfind("\n") + 1 :]
+        return len(line) if line and self._may_become_marker(line) else 0
+
+    def _may_become_marker(self, line: str) -> bool:
+        rest = line.lstrip(" \t")
+        if not rest:
+            return True
+        if not rest.startswith("#"):
+            return False
+        rest = rest.lstrip("#").lstrip(" \t").lower()
+        for role in self.roles:
+            if role.startswith(rest):
+                return True
+            if rest.startswith(role):
+                tail = rest[len(role) :].lstrip(" \t")
+                if _THOUGHTS.startswith(tail):
+                    return True
+                if tail.startswith(_THOUGHTS) and not tail[len(_THOUGHTS) :].strip(" \t"):
+                    return True
+        return False
 
 
 def sanitize_message(text: str, assistant_name: str = DEFAULT_ASSISTANT_NAME) -> str:
@@ -270,7 +316,8 @@ def _cut_at_first(text: str, stops: Sequence[str]) -> str:
 
 def parse_reply(generation: str, assistant_name: str = DEFAULT_ASSISTANT_NAME) -> str:
     """The reply in a chat-format generation: everything before the next turn, stripped."""
-    return _cut_at_first(generation, stop_strings(assistant_name)).strip()
+    cut = NextTurn(assistant_name).find(generation)
+    return (generation if cut is None else generation[:cut]).strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .. import distributed, records
 from ..engine.builder import build
-from ..engine.generation import Engine, SamplingParams, row_seed
+from ..engine.generation import Engine, SamplingParams, row_seed, stop_prefix_len
 from ..llama.tokenizer import Tokenizer
 from ..recipe import templates
 
@@ -89,9 +89,7 @@ def chat(
     """
     system, assistant_name = str(system), str(assistant_name)
     prompt = None if prompt is None else str(prompt)  # Fire turns `--prompt 123` into an int
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            stop=tuple(templates.stop_strings(assistant_name)))
-    params.check()
+    params = reply_params(max_new_tokens, temperature, top_p, assistant_name)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if model_parallel_size not in (None, world_size):
         raise ValueError(f"--model_parallel_size {model_parallel_size}: chat runs one copy of the model, so it "
@@ -120,6 +118,14 @@ def chat(
                  else _Terminal(convo, system, loaded.name, params, under_torchrun=not link.single))
     with front.session() if front else _nothing():
         _serve(link, engine, params, seed, front)
+
+
+def reply_params(max_new_tokens: int, temperature: float, top_p: float, assistant_name: str) -> SamplingParams:
+    """An answer ends where the model starts the next turn, in any form the sanitiser knows."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            stop=(templates.NextTurn(assistant_name),))
+    params.check()
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,9 +494,7 @@ class _ReplyStream:
     def feed(self, delta: str) -> None:
         self.raw += delta
         text = self.raw.lstrip()
-        hold = next((k for k in range(min(len(text), max(map(len, self.stops))), 0, -1)
-                     if any(s.startswith(text[-k:]) for s in self.stops)), 0)
-        safe = text[: len(text) - hold].rstrip()
+        safe = text[: len(text) - stop_prefix_len(text, self.stops)].rstrip()
         if self.show and len(safe) > len(self.shown):
             self.show(safe[len(self.shown):])
         self.shown = safe

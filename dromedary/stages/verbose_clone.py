@@ -79,7 +79,7 @@ def verbose_clone(
     """
     options = dict(locals())
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            stop=tuple(templates.stop_strings(assistant_name)))
+                            stop=(templates.NextTurn(assistant_name),))
     params.check()
     for flag, value in (("max_batch_size", max_batch_size), ("min_words", min_words),
                         ("min_repeat_words", min_repeat_words), ("leak_words", leak_words)):
