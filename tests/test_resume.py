@@ -198,12 +198,21 @@ def test_curate_refuses_an_edited_input(tmp_path, capsys):
     assert len(backups(rejected)) == 1 and len(read_jsonl(backups(rejected)[0])) == 3
 
 
-def test_generate_prompts_import_refuses_another_sample(tmp_path, capsys):
+def test_generate_prompts_refuses_other_sampling_and_continues_a_larger_run(tmp_path, capsys, world):
+    from dromedary.default_model import ensure_default_model
+
+    ensure_default_model()
     out = tmp_path / "prompts.jsonl"
-    args = ["generate-prompts", "--method", "import", "--output", out, "--sources",
-            json.dumps({"dolly": str(DATA / "dolly.jsonl")}), "--seed", 1]
-    assert main(args + ["--num_prompts", 3]) == 0
+    args = ["generate-prompts", "--method", "self-instruct", "--output", out, "--num_prompts", 50,
+            "--tasks_per_request", 1, "--max_batch_size", 1, "--seed", 2]
+    assert main(args + ["--max_rounds", 1]) == 0
+    state = json.loads(Path(f"{out}.state.json").read_text())
     capsys.readouterr()
-    assert main(args + ["--num_prompts", 4]) != 0  # another sample: the old prompts are not all in it
-    assert "cannot resume" in capsys.readouterr().err
-    assert main(args + ["--num_prompts", 3]) == 0 and len(read_jsonl(out)) == 3
+    assert main(args + ["--max_rounds", 2, "--temperature", 0.5]) != 0
+    assert "temperature was 1.0, now 0.5" in capsys.readouterr().err
+    assert json.loads(Path(f"{out}.state.json").read_text()) == state  # nothing ran
+    assert main(args + ["--max_rounds", 2]) == 0  # more rounds of the same run: allowed
+    assert json.loads(Path(f"{out}.state.json").read_text())["rounds_done"] == 2
+    assert main(args + ["--max_rounds", 2, "--temperature", 0.5, "--overwrite"]) == 0
+    (backup,) = backups(out)
+    assert json.loads(Path(f"{backup}.state.json").read_text())["rounds_done"] == 2  # the state went with it

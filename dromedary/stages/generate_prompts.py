@@ -222,15 +222,17 @@ def _open_output(output: str, overwrite: bool, allowed_sources: set[str], method
                  inputs: Optional[list[dict]] = None):
     """The writer (validating and repairing the existing output) and the records already in it.
     A resume of records made with other settings (or, for import, rows since changed) is refused."""
-    if not overwrite:
-        records.check_fingerprint(output, settings, inputs, records.scan_done_ids(output), input_name="--sources")
     writer = records.open_output(output, overwrite=overwrite)  # --overwrite moves the state file too
     existing = records.read_kind(output, "prompts")
     foreign = sorted({r["source"] for r in existing} - allowed_sources)
-    if foreign:
+    try:
+        if foreign:
+            raise ValueError(f"{output} already holds {', '.join(foreign)} prompts: write {method} prompts to "
+                             "another --output (concatenate the files later), or pass --overwrite")
+        records.check_fingerprint(output, settings, inputs, writer.done_ids, input_name="--sources")
+    except ValueError:
         writer.close()
-        raise ValueError(f"{output} already holds {', '.join(foreign)} prompts: write {method} prompts to "
-                         "another --output (concatenate the files later), or pass --overwrite")
+        raise
     records.write_fingerprint(output, settings, inputs)
     return writer, existing
 
@@ -252,9 +254,10 @@ def _import(o: dict) -> None:
     print(f"import: {stats.summary()}", file=sys.stderr)
     rows = [{"id": prompt_id(p.source, p.instruction, p.input), "instruction": p.instruction, "input": p.input,
              "source": p.source, "source_id": p.source_id} for p in prompts]
-    # The rows themselves are fingerprinted (per id), so the source paths may move.
-    settings = records.fingerprint_settings(o, ignore=("output", "overwrite", "sources"))
-    writer, _ = _open_output(o["output"], o["overwrite"], set(importers.SOURCES), "import", settings, rows)
+    # An imported record is its source row, and its id a hash of its text: records imported with
+    # other sources, filters or samples do not differ in kind, so they may share an output (a
+    # subsample adds nothing to its superset). Only the method is fingerprinted.
+    writer, _ = _open_output(o["output"], o["overwrite"], set(importers.SOURCES), "import", {"method": "import"})
     with writer:
         todo = records.pending(rows, writer.done_ids)
         print(records.resume_message(o["output"], len(rows), len(todo)), file=sys.stderr)
