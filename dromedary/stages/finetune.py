@@ -108,7 +108,7 @@ def finetune(
       save_steps: checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many steps (0: only at the end).
       gradient_checkpointing: recompute activations in the backward pass: much less memory, about a third more compute.
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
-      dtype: fp32 or bf16 for the frozen base weights (bf16 also runs the forward under autocast). Default: bf16 on GPUs that support it, fp32 on CPU.
+      dtype: fp32 or bf16 for the frozen base weights (bf16 also runs the forward under autocast). Default: bf16 on GPUs of compute capability 8.0 or later, fp32 on CPU; on older GPUs (fp16) pass --dtype fp32.
       seed: seed for the LoRA initialisation, the data order, the eval split and dropout.
       resume: continue from the latest checkpoint in OUTPUT_DIR (ends exactly where an uninterrupted run would); refused when the training records, the base model or a training flag changed since.
       overwrite: start afresh in a non-empty OUTPUT_DIR (its checkpoints, adapter, log and provenance are moved to OUTPUT_DIR.bak-TIME, nothing is deleted).
@@ -239,8 +239,12 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError("pass either --eval_input or --eval_fraction, not both")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
-    if o["dtype"] in ("fp16", "float16"):
-        raise ValueError("--dtype fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
+    # The dtype the builder will pick, not just the flag: without --dtype a GPU older than Ampere
+    # gets fp16 (distributed.pick_dtype).
+    if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
+        given = f"--dtype {o['dtype']}" if o["dtype"] else "fp16 (the default on a GPU without native bf16)"
+        raise ValueError(f"{given} needs loss scaling, which finetune does not do: pass --dtype fp32 "
+                         "(or --dtype bf16 on a GPU of compute capability 8.0 or later)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = o["model_parallel_size"] or world
     dp = world // mp if mp and world % mp == 0 else 1  # a bad --model_parallel_size is reported by the builder
