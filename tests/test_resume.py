@@ -71,6 +71,20 @@ def test_an_edited_or_removed_input_record_is_refused_only_if_its_output_exists(
         records.check_fingerprint(out, SETTINGS, inputs[:3], {"p0", "p3"})
 
 
+def test_unmerged_shards_of_a_data_parallel_run_count_as_made(tmp_path):
+    out = tmp_path / "out.jsonl"
+    inputs = [prompt(i) for i in range(4)]
+    records.write_fingerprint(out, SETTINGS, inputs)
+    for rank in range(2):  # an interrupted run of two groups: nothing merged yet
+        with records.open_output(out, shard=(rank, 2)) as w:
+            w.write(inputs[rank])
+    done = records.scan_done_ids(out)
+    assert done == {"p0", "p1"} and not out.exists()
+    records.check_fingerprint(out, SETTINGS, inputs, done)
+    with pytest.raises(records.FingerprintError, match="its 2 records were made differently: temperature"):
+        records.check_fingerprint(out, {**SETTINGS, "temperature": 0.1}, inputs, done)
+
+
 def test_an_output_from_before_fingerprints_is_adopted_with_a_warning(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     records.check_fingerprint(out, SETTINGS, [prompt(0)], {"p0"})
