@@ -53,7 +53,10 @@ def pick_device(device: Optional[str] = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: Optional[str] = None) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU unless asked otherwise."""
+    """bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU unless asked otherwise.
+
+    "Have it" means compute capability 8.0 (Ampere) or later: is_bf16_supported() also says yes
+    on a V100 or T4 (7.x), which only emulate bf16, at a fraction of their fp16 speed."""
     if dtype:
         names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -61,7 +64,8 @@ def pick_dtype(device: torch.device, dtype: Optional[str] = None) -> torch.dtype
             raise ValueError(f"--dtype {dtype!r}: choose one of fp32, bf16, fp16")
         return names[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 and torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 

@@ -8,6 +8,8 @@
             job.write(record); job.advance(tokens=n)
 
 On exit rank 0 merges the groups' shard files into `output` (in input order) and records provenance.
+Before anything is written the job checks that the records already in `output` were made from the
+same input records and settings (records.check_fingerprint) and refuses a resume that would mix.
 """
 
 from __future__ import annotations
@@ -22,10 +24,38 @@ from tqdm import tqdm
 from . import distributed, records
 
 
-def already_done(output: str, inputs: Sequence[Mapping[str, Any]], overwrite: bool) -> bool:
+def model_settings(options: Mapping[str, Any], *, ignore: Sequence[str] = records.RUN_ONLY, **extra: Any) -> dict:
+    """The fingerprint settings of a model-running stage: its options, with the checkpoint,
+    tokenizer and adapter paths replaced by digests of what they hold (records.path_identity)."""
+    from .engine.builder import resolve_ckpt_dir  # the embedded default resolves to its directory
+
+    rest = {k: v for k, v in options.items() if k not in ("ckpt_dir", "tokenizer_path", "adapter")}
+    return records.fingerprint_settings(
+        rest, ignore=ignore, model=records.path_identity(resolve_ckpt_dir(options.get("ckpt_dir"))),
+        tokenizer=records.path_identity(options.get("tokenizer_path")),
+        adapter=records.path_identity(options.get("adapter")), **extra)
+
+
+def check_resume(output: str, inputs: Sequence[Mapping[str, Any]], options: Mapping[str, Any],
+                 fingerprint: Optional[dict] = None, also_done: Sequence[Optional[str]] = ()) -> None:
+    """check_fingerprint for a model stage, before its model loads: refuses a resume of OUTPUT
+    (and of the other outputs in `also_done`, e.g. a rejected file) made differently."""
+    done = set().union(*(records.scan_done_ids(p) for p in (output, *also_done) if p))
+    if done:
+        records.check_fingerprint(output, model_settings(options, **(fingerprint or {})), inputs, done,
+                                  input_name=str(options.get("input", "the input")))
+
+
+def already_done(output: str, inputs: Sequence[Mapping[str, Any]], overwrite: bool,
+                 options: Optional[Mapping[str, Any]] = None, fingerprint: Optional[dict] = None) -> bool:
     """True (and says so) when OUTPUT already holds every input id: checked before loading a model,
-    which can take minutes. Every rank reads the same files, so every rank agrees."""
-    if overwrite or records.shard_files(output):  # shards left unmerged: let the job merge them
+    which can take minutes. With `options`, a resume that would mix records made differently is
+    refused here too (check_resume). Every rank reads the same files, so every rank agrees."""
+    if overwrite:
+        return False
+    if options is not None:
+        check_resume(output, inputs, options, fingerprint)
+    if records.shard_files(output):  # shards left unmerged: let the job merge them
         return False
     done = records.scan_done_ids(output)
     if records.pending(inputs, done):
@@ -47,12 +77,24 @@ class RecordJob:
         model: Optional[str] = None,
         desc: str = "records",
         unit: str = "rec",
+        fingerprint: Optional[dict] = None,
+        resume_inputs: Optional[Sequence[Mapping[str, Any]]] = None,
+        also_done: Sequence[Optional[str]] = (),
     ):
+        """`fingerprint`: what else makes the records (a prompt version); `resume_inputs`: the
+        input records whose content the fingerprint keeps (default `inputs`); `also_done`: other
+        outputs of the same job (a rejected file) whose ids count as made by it."""
         self.output, self.inputs, self.world = output, inputs, world
         self.options, self.model, self.desc, self.unit = options or {}, model, desc, unit
+        resume_inputs = inputs if resume_inputs is None else resume_inputs
         if overwrite and world.is_main:
             records.clear_output(output)
         distributed.barrier()
+        if not overwrite:  # every rank checks the same files and reaches the same verdict
+            check_resume(output, resume_inputs, self.options, fingerprint, also_done)
+        distributed.barrier()
+        if world.is_main:
+            records.write_fingerprint(output, model_settings(self.options, **(fingerprint or {})), resume_inputs)
         self.writer = (
             records.open_output(output, shard=(world.dp_rank, world.dp_size)) if world.is_group_writer else None
         )

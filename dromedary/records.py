@@ -25,9 +25,11 @@ other groups' shares, never in a group's own, so all ranks of a group agree on w
 """
 
 import datetime
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -241,15 +243,47 @@ def scan_done_ids(output: PathLike) -> set[str]:
     return {r["id"] for p in [Path(output), *shard_files(output)] for r in _scan_output(p)[0]}
 
 
-def clear_output(output: PathLike) -> None:
-    """--overwrite: move `output` aside to `output.bak` (a generation run is expensive; one undo
-    is cheap) and remove shard files. Under data parallelism call it once, then barrier."""
+# Files that describe OUTPUT and go with it into a backup: what made its records (the
+# fingerprint) and generate-prompts' round state. The provenance history is copied, not moved: it
+# stays with OUTPUT (every run that wrote to it) and the backup gets its own copy.
+COMPANIONS = (".fingerprint.json", ".state.json")
+PROVENANCE = ".provenance.json"
+
+
+def backup_path(path: PathLike) -> Path:
+    """`PATH.bak-YYYYmmdd-HHMMSS`, with `-N` added where that name (or a companion of it) is taken:
+    a backup is never replaced by a later one."""
+    path = Path(path)
+    stamp = f"{path.name}.bak-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    taken = {p.name for p in path.parent.iterdir()} if path.parent.is_dir() else set()
+    for n in range(len(taken) + 1):
+        name = stamp if n == 0 else f"{stamp}-{n}"
+        if not any(t == name or t.startswith(name + ".") for t in taken):
+            return path.with_name(name)
+    raise AssertionError("unreachable: more names tried than files exist")
+
+
+def clear_output(output: PathLike) -> Path | None:
+    """--overwrite: move `output`, its unmerged shard files (an interrupted data-parallel run keeps
+    records there) and its companions to one new backup name, `output.bak-TIME[-N]`; nothing is
+    deleted. Returns the backup (None when there was nothing to move). Under data parallelism
+    call it once, then barrier."""
     output = Path(output)
-    if output.exists():
-        os.replace(output, f"{output}.bak")
-        print(f"{output}: --overwrite: moved the old output to {output}.bak", file=sys.stderr)
-    for p in shard_files(output):
-        p.unlink()
+    shards = shard_files(output)
+    companions = [Path(f"{output}{suffix}") for suffix in COMPANIONS]
+    moving = [p for p in [output, *shards, *companions] if p.exists()]
+    if not moving:
+        return None
+    backup = backup_path(output)
+    for p in moving:  # shards and companions keep their suffix: the backup resumes like an output
+        os.replace(p, backup.with_name(backup.name + p.name[len(output.name):]))
+    provenance = Path(f"{output}{PROVENANCE}")
+    if provenance.exists():
+        shutil.copyfile(provenance, f"{backup}{PROVENANCE}")
+    what = ("the old output" if output in moving else "the old files") + (
+        f" and {len(shards)} unmerged shard file(s)" if shards else "")
+    print(f"{output}: --overwrite: moved {what} to {backup}", file=sys.stderr)
+    return backup
 
 
 class RecordWriter:
@@ -460,4 +494,131 @@ def write_provenance(output: PathLike, *, command: list[str], options: dict,
     # default=str: options often hold Paths; provenance should record them, not crash on them.
     data = json.dumps(runs + [entry], ensure_ascii=False, indent=2, default=str) + "\n"
     _replace_atomically(path, data.encode("utf-8"))
+    return path
+
+
+# ------------------------------------------------------------------------------- fingerprints
+#
+# Resume goes by id, so a rerun with an edited input, another model or other sampling options
+# would add records made one way beside records made another. OUTPUT.fingerprint.json keeps what
+# made the records (the settings, and a digest of each input record) and a resume must match it.
+
+FINGERPRINT = ".fingerprint.json"
+FINGERPRINT_VERSION = 1
+# Options that decide how a stage runs, not what it writes (dtype and batch size change results
+# only by rounding), or that name files whose content is fingerprinted instead (the input, per id).
+RUN_ONLY = ("input", "output", "rejected", "overwrite", "max_batch_size", "model_parallel_size", "dtype")
+_WHOLE_FILE = 8 << 20  # files up to this size are hashed whole; larger ones are sampled
+_BLOCK, _BLOCKS = 64 << 10, 16
+_NOT_MODEL_FILES = (PROVENANCE, FINGERPRINT, ".jsonl", ".tmp", ".lock", ".md", ".txt")
+
+
+class FingerprintError(ValueError):
+    """The existing output was made from other input or settings than this run's."""
+
+
+def fingerprint_path(output: PathLike) -> Path:
+    return Path(f"{os.fspath(output)}{FINGERPRINT}")
+
+
+def record_digest(record: Mapping[str, Any]) -> str:
+    data = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
+
+def path_identity(path: PathLike | None) -> dict | None:
+    """What a checkpoint, tokenizer or adapter path holds, cheaply even for a 140 GB checkpoint:
+    each top-level file's name and size, the whole content of files up to 8 MiB (configs,
+    tokenizers) and 16 evenly spaced 64 KiB blocks of larger ones (two fine-tunes of one
+    architecture have the same sizes but differ everywhere). Logs and provenance do not count.
+    The path is kept for messages; only the digest is compared."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and not p.name.endswith(_NOT_MODEL_FILES))
+    else:
+        files = [path] if path.exists() else []
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= _WHOLE_FILE:
+                h.update(fh.read())
+                continue
+            for k in range(_BLOCKS):
+                fh.seek((size - _BLOCK) * k // (_BLOCKS - 1))
+                h.update(fh.read(_BLOCK))
+    return {"digest": h.hexdigest()[:16] if files else "missing", "path": os.fspath(path)}
+
+
+def fingerprint_settings(options: Mapping[str, Any], *, ignore: Sequence[str] = RUN_ONLY,
+                         **extra: Any) -> dict:
+    """The settings part of a fingerprint: a stage's options without the run-only ones, plus
+    `extra` (identities of the model files, a prompt version), as JSON values."""
+    settings = {k: v for k, v in options.items() if k not in ignore}
+    settings.update(extra)
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _comparable(value: Any) -> Any:
+    return value["digest"] if isinstance(value, dict) and "digest" in value else value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and "digest" in value:
+        return f"{value.get('path')} (content {value['digest']})"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def check_fingerprint(output: PathLike, settings: dict, inputs: Sequence[Mapping[str, Any]] | None,
+                      done_ids: set[str], *, input_name: str = "the input") -> None:
+    """Refuse (FingerprintError) to add records to an output whose `done_ids` were made with
+    other settings, or from input records that have changed or gone since. `inputs` None: the
+    stage has no input file. Read-only: every rank may call it and reaches the same verdict."""
+    if not done_ids:
+        return
+    path = fingerprint_path(output)
+    if not path.exists():
+        if int(os.environ.get("RANK", 0)) == 0:  # may run before the process groups exist
+            print(f"{os.fspath(output)}: warning: no {FINGERPRINT} beside it (written before fingerprints "
+                  f"existed); assuming its {len(done_ids)} records were made from this input and settings",
+                  file=sys.stderr)
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        old_settings, old_inputs = stored["settings"], stored["inputs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise FingerprintError(f"{path}: not a fingerprint file ({e}); move it aside, or pass --overwrite "
+                               "to start afresh") from None
+    missing = object()
+    problems = [f"{key} was {_describe(old_settings.get(key, None))}, now {_describe(settings.get(key, None))}"
+                for key in sorted(set(old_settings) | set(settings))
+                if _comparable(old_settings.get(key, missing)) != _comparable(settings.get(key, missing))]
+    if inputs is not None and old_inputs is not None:
+        digests = {r["id"]: record_digest(r) for r in inputs}
+        changed = [rid for rid in digests if rid in done_ids and rid in old_inputs and old_inputs[rid] != digests[rid]]
+        gone = sorted(rid for rid in done_ids if rid not in digests)
+        if changed:
+            problems.append(f"{len(changed)} record(s) of {input_name} changed since their output was made "
+                            f"(first: id {changed[0]!r})")
+        if gone:
+            problems.append(f"{len(gone)} record(s) in the output have ids no longer in {input_name} "
+                            f"(first: id {gone[0]!r})")
+    if problems:
+        raise FingerprintError(
+            f"{os.fspath(output)}: cannot resume: its {len(done_ids)} records were made differently: "
+            + "; ".join(problems) + ". Rerun with what made them, or pass --overwrite to start afresh "
+            "(the old output is kept under a new backup name)")
+
+
+def write_fingerprint(output: PathLike, settings: dict, inputs: Sequence[Mapping[str, Any]] | None) -> Path:
+    """Record what this run's records are made from, before the first is written. Call on one
+    rank, after check_fingerprint passed (or after --overwrite moved the old output away)."""
+    path = fingerprint_path(output)
+    data = {"version": FINGERPRINT_VERSION, "settings": settings,
+            "inputs": None if inputs is None else {r["id"]: record_digest(r) for r in inputs}}
+    _replace_atomically(path, (json.dumps(data, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
     return path

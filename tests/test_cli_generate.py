@@ -193,7 +193,8 @@ def test_overwrite_moves_the_old_output_aside(ckpts, inputs, reference, tmp_path
     old = out.read_bytes()
     assert main(generate_args(ckpts["gqa_meta"], inputs, out, "--overwrite")) == 0
     assert read_jsonl(out) == reference
-    assert Path(f"{out}.bak").read_bytes() == old
+    (backup,) = tmp_path.glob("out.jsonl.bak-*[0-9]")  # OUTPUT.bak-TIME: a new name every time
+    assert backup.read_bytes() == old
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -329,7 +329,8 @@ def test_overwrite_moves_the_old_outputs_aside(self_aligned, curated, tmp_path):
     sft.write_text('{"id": "old", "instruction": "i", "input": "", "output": "o", "thoughts": "", "source": "s"}\n')
     assert main(["curate", "--input", self_aligned, "--output", sft, "--rejected", rejected, "--overwrite"]) == 0
     assert sft.read_bytes() == curated[0].read_bytes()
-    assert "old" in Path(f"{sft}.bak").read_text()
+    (backup,) = tmp_path.glob("sft.jsonl.bak-*[0-9]")  # SFT.bak-TIME: a new name every time
+    assert "old" in backup.read_text()
 
 
 def test_filters_are_plain_functions_on_strings():

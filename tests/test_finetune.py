@@ -362,3 +362,101 @@ def test_gradient_checkpointing_gives_the_same_gradients(files, tok):
         grads.append([p.grad.clone() for _, p, _ in lora.trainable(loaded.model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs, the data-parallel split, and what a resume or an overwrite keeps.
+
+
+def test_num_epochs_counts_epochs_exactly():
+    order = sft.DataOrder(3, seed=0)
+    assert len(order.batch(0, 16, end=3)) == 3 and sorted(order.batch(0, 16, end=3)) == [0, 1, 2]
+    taken = [i for s in range(3) for i in order.batch(s, 2, end=6)]  # 2 epochs in batches of 2
+    assert len(taken) == 6 and sorted(taken[:3]) == sorted(taken[3:]) == [0, 1, 2]
+
+
+def test_one_epoch_of_three_records_in_a_batch_of_sixteen_is_one_epoch(files, tmp_path):
+    small = write_jsonl(tmp_path / "three.jsonl", sft_records(3))
+    ft.finetune(str(small), str(tmp_path / "o"), ckpt_dir=str(files["ckpt"]), num_epochs=1, batch_size=16,
+                micro_batch_size=4, lora_r=2, source_max_len=48, target_max_len=16, save_steps=0)
+    assert [(e["step"], e["epoch"]) for e in log_of(tmp_path / "o")] == [(1, 1.0)]
+    ft.finetune(str(small), str(tmp_path / "o2"), ckpt_dir=str(files["ckpt"]), num_epochs=2, batch_size=4,
+                micro_batch_size=2, lora_r=2, source_max_len=48, target_max_len=16, save_steps=0)
+    assert [e["epoch"] for e in log_of(tmp_path / "o2")] == [1.3333, 2.0]
+
+
+def _world(dp_rank: int, dp_size: int) -> distributed.World:
+    return distributed.World(rank=dp_rank, world_size=dp_size, local_rank=0, mp_size=1, mp_rank=0,
+                             dp_size=dp_size, dp_rank=dp_rank, device=torch.device("cpu"))
+
+
+def test_data_parallel_groups_share_the_long_examples():
+    costs = list(range(1, 9))  # padded tokens of the sorted micro-batches: the last is the longest
+    owners = sft.deal_micro_batches(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert sorted(owners) == [0, 0, 0, 0, 1, 1, 1, 1] and loads == [18, 18]
+    owners = sft.deal_micro_batches([1, 1, 1, 1, 1, 1, 2, 50], 4)
+    assert owners[7] != owners[6] and [owners.count(r) for r in range(4)] == [2, 2, 2, 2]
+    assert sft.deal_micro_batches([5, 9, 7], 4) == [2, 0, 1]  # a short batch: a group may get none
+
+
+@pytest.mark.parametrize("n", [8, 5])  # a full batch; a short last batch of an exact epoch count
+def test_any_data_parallel_split_sums_to_the_same_gradient(files, tok, n):
+    rng = random.Random(4)
+    recs = [{**r, "output": _sentence(rng, rng.choice([3, 20]))} for r in sft_records(n)]
+    batch = [sft.encode(tok, *sft.conversation(r, "x", assistant_name="Dromedary", knowledge_cutoff="2021"),
+                        source_max_len=64, target_max_len=24, add_eos=True) for r in recs]
+    loaded = builder.build(str(files["ckpt"]), model_parallel_size=1, dtype="fp32", train=True)
+    lora.add_lora(loaded.model, r=4, alpha=8, dropout=0.1, targets=list(lora.MODULES))
+    lora.init_lora(loaded.model, 0, loaded.world)
+    params = [p for _, p, _ in lora.trainable(loaded.model)]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+
+    def grads(world) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        sft.backward_batch(loaded.model, batch, 1, world, seed=0)
+        return [p.grad.clone() for p in params]
+
+    want = grads(_world(0, 1))
+    got = [sum(g) for g in zip(*(grads(_world(r, 4)) for r in range(4)))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_refuses_another_training_file_or_base_model(files, tmp_path):
+    args = dict(ckpt_dir=str(files["ckpt"]), max_steps=2, batch_size=2, micro_batch_size=2, lora_r=2,
+                source_max_len=48, target_max_len=16, save_steps=1)
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
+    out = tmp_path / "adapter"
+    ft.finetune(str(data), str(out), **args)
+    adapter = (out / lora.WEIGHTS_FILE).read_bytes()
+    # A re-curated training file: the old adapter must not pass for one trained on it.
+    write_jsonl(data, sft_records(4, seed=9))
+    with pytest.raises(ValueError, match=r"cannot resume: it was trained with other training records.*--overwrite"):
+        ft.finetune(str(data), str(out), resume=True, **args)
+    write_jsonl(data, sft_records(4))
+    with pytest.raises(ValueError, match=r"other --ckpt_dir \(its content\)"):
+        ft.finetune(str(data), str(out), resume=True, **{**args, "ckpt_dir": str(files["ckpt_hf"])})
+    ft.finetune(str(data), str(out), resume=True, **args)  # the same: already trained, nothing to do
+    assert (out / lora.WEIGHTS_FILE).read_bytes() == adapter
+
+
+def test_overwrite_moves_the_adapter_and_its_checkpoints_to_a_backup(files, tmp_path, capsys):
+    args = dict(ckpt_dir=str(files["ckpt"]), max_steps=2, batch_size=2, micro_batch_size=2, lora_r=2,
+                source_max_len=48, target_max_len=16, save_steps=1)
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
+    out = tmp_path / "adapter"
+    ft.finetune(str(data), str(out), **args)
+    (out / "notes.txt").write_text("mine")
+    adapter = (out / lora.WEIGHTS_FILE).read_bytes()
+    for _ in range(2):
+        ft.finetune(str(data), str(out), overwrite=True, **{**args, "max_steps": 1})
+    backups = sorted(tmp_path.glob("adapter.bak-*"))
+    assert len(backups) == 2 and f"moved the old checkpoints" in capsys.readouterr().err
+    assert (backups[0] / lora.WEIGHTS_FILE).read_bytes() == adapter  # the first run's adapter...
+    assert [p.name for p in (backups[0] / "checkpoints").iterdir()] == ["step-0000002"]  # ...and checkpoint
+    assert len(log_of(backups[0])) == 2 and len(log_of(backups[1])) == 1
+    assert (out / "notes.txt").read_text() == "mine" and len(log_of(out)) == 1

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dromedary.stages.pipeline import STATE_FILE, TINY_NUM_PROMPTS, _json_literals, _plan, pipeline
+from dromedary.stages.pipeline import (STATE_FILE, TINY_NUM_PROMPTS, _afresh_if_inputs_changed, _json_literals,
+                                      _plan, pipeline)
 from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun
 
 STAGES = ["generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"]
@@ -81,6 +82,44 @@ def test_a_workdir_refuses_other_options(workdir):
     work, _ = workdir
     other = run([*python_m(), "pipeline", "--workdir", work, "--num_prompts", 5], check=False)
     assert other.returncode == 2 and "--num_prompts 32" in other.stderr and "another --workdir" in other.stderr
+
+
+def test_a_recurated_sft_file_is_trained_afresh_not_ignored(workdir):
+    work, _ = workdir
+    state = json.loads((work / STATE_FILE).read_text())
+    for name in STAGES[STAGES.index("curate"):]:  # as if the run had died during curate...
+        del state["stages"][name]
+    (work / STATE_FILE).write_text(json.dumps(state))
+    kept = read_jsonl(work / "sft.jsonl")
+    (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept[: len(kept) // 2]))
+    old_adapter = (work / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone"])  # ...which now adds the rest
+    assert "already trained" not in again.stderr  # the checkpoint of the old sft.jsonl is not reused
+    (backup,) = work.glob("adapter.bak-*")
+    (verbose_backup,) = work.glob("verbose.jsonl.bak-*[0-9]")  # its answers came from the old adapter
+    assert (backup / "adapter_model.safetensors").read_bytes() == old_adapter
+    assert len(read_jsonl(work / "sft.jsonl")) == len(kept) and read_jsonl(verbose_backup)
+    trained = json.loads((work / "adapter" / "finetune.provenance.json").read_text())[-1]
+    assert trained["train_records"] == len(kept)
+
+
+def test_stages_after_a_rerun_start_afresh_only_where_resuming_would_mix():
+    stages, _ = _plan({"ckpt_dir": None, "tokenizer_path": None, "method": "tgrt", "num_prompts": None,
+                       "sources": None, "verbose_clone": True, "assistant_name": "Dromedary",
+                       "sample_question": "q", "stage_flags": None, "model_parallel_size": None, "dtype": None,
+                       "seed": 0})
+    by_name = {s.name: s for s in stages}
+
+    def flags(name: str, rerun_from: str) -> dict:
+        earlier = stages[: [s.name for s in stages].index(name)]
+        return _afresh_if_inputs_changed(by_name[name], earlier, rerun_from).flags
+
+    assert flags("finetune", "finetune")["resume"] is True  # interrupted itself: resumes its checkpoint
+    assert flags("finetune", "curate")["overwrite"] is True and flags("finetune", "curate")["resume"] is False
+    assert "overwrite" not in flags("self-align", "generate-prompts")  # new prompts are only added
+    assert "overwrite" not in flags("verbose-clone", "verbose-clone")
+    assert flags("verbose-clone", "finetune")["overwrite"] is True  # another adapter made the old answers
+    assert flags("finetune-verbose", "verbose-clone")["overwrite"] is True
 
 
 def test_under_torchrun_with_model_parallelism(workdir, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def test_no_clobber_without_overwrite(tmp_path):
     assert out.read_bytes() == before
 
 
-def test_overwrite_starts_fresh_and_keeps_one_backup(tmp_path, capsys):
+def test_overwrite_starts_fresh_and_keeps_a_backup(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     out.write_text(lines(prompt(0), prompt(1)))
     old = out.read_bytes()
@@ -231,9 +232,10 @@ def test_overwrite_starts_fresh_and_keeps_one_backup(tmp_path, capsys):
         assert w.done_ids == set()
         w.write(prompt(5))
     assert ids(out) == ["p5"]
-    assert Path(f"{out}.bak").read_bytes() == old
-    assert shard_files(out) == []
-    assert "moved the old output" in capsys.readouterr().err
+    (backup,) = [p for p in tmp_path.iterdir() if re.fullmatch(r"out\.jsonl\.bak-\d{8}-\d{6}", p.name)]
+    assert backup.read_bytes() == old
+    assert shard_files(out) == [] and [p.name for p in shard_files(backup)] == [f"{backup.name}.shard-01-of-04"]
+    assert f"moved the old output and 1 unmerged shard file(s) to {backup}" in capsys.readouterr().err
 
 
 def test_overwrite_under_data_parallelism_must_be_cleared_once(tmp_path):

@@ -154,11 +154,27 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Location, Any]]:
             yield Location(str(path), row=row), obj
 
 
+def _no_remote_code(datasets) -> dict:
+    """load_dataset keywords under which no Hub dataset runs its own loading script: a mistyped
+    name must not run a stranger's Python. datasets 4.0 removed loading scripts altogether (what
+    pyproject requires); 2.16 to 3.x honour trust_remote_code=False; older ones cannot refuse."""
+    major, minor = (int(part) for part in re.findall(r"\d+", datasets.__version__)[:2])
+    if major >= 4:
+        return {}
+    if (major, minor) >= (2, 16):
+        return {"trust_remote_code": False}
+    raise ValueError(f"datasets {datasets.__version__} may run a Hub dataset's own loading script: "
+                     "pip install 'datasets>=4' (or pass a local file in --sources)")
+
+
 def _hub_rows(name: str, source: str) -> Iterator[tuple[Location, Any]]:
     try:
         import datasets
-
-        data = datasets.load_dataset(name, split="train")
+    except ImportError as e:
+        raise ValueError(f"cannot load the Hugging Face dataset {name!r}: {e}; pass a local file instead") from None
+    safe = _no_remote_code(datasets)
+    try:
+        data = datasets.load_dataset(name, split="train", **safe)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, auth: all end the same way
         raise ValueError(
             f"cannot load the Hugging Face dataset {name!r} for source {source!r} "

@@ -59,15 +59,17 @@ def collate(batch: list[Example], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 class DataOrder:
     """Sample i of a run is record perm_e[i % N] with e = i // N: a fresh seeded shuffle per epoch,
-    batches run across epoch ends, and step s always takes samples [s * B, (s + 1) * B), so the data
+    batches run across epoch ends, and step s always takes samples [s * B, (s + 1) * B) (cut at
+    `end`, the run's last sample, so a run of E epochs trains exactly E * N samples), so the data
     position of a run is its step."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
         self._perms: dict[int, list[int]] = {}
 
-    def batch(self, step: int, size: int) -> list[int]:
-        return [self._perm(i // self.n)[i % self.n] for i in range(step * size, (step + 1) * size)]
+    def batch(self, step: int, size: int, end: int | None = None) -> list[int]:
+        stop = (step + 1) * size if end is None else min((step + 1) * size, end)
+        return [self._perm(i // self.n)[i % self.n] for i in range(step * size, stop)]
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -108,26 +110,45 @@ def backward_batch(model, batch: list[Example], micro_batch_size: int, world, *,
     """Forward and backward of this rank's share of one global batch; gradients accumulate.
 
     Returns (loss, tokens) of the share: summed over the data-parallel groups they are the batch's
-    mean loss per target token and its token count. The batch is sorted by length first, so
-    micro-batches hold similar lengths and pad little; the loss is divided by the whole batch's
-    target-token count, so any split into micro-batches and data-parallel groups sums to the same
-    gradient. Dropout is seeded by the micro-batch's place in the global batch: any data-parallel
-    split, and a resumed run, draws the same masks.
+    mean loss per target token and its token count. The batch is sorted by length and cut into
+    micro-batches, so they hold similar lengths and pad little; these micro-batches, and the
+    dropout seed of each (its place in the global batch), are the same for any data-parallel size,
+    so any split draws the same masks, a resumed run too, and sums to the same gradient (the loss
+    is divided by the whole batch's target-token count). Only which group runs which micro-batch
+    depends on the split: deal_micro_batches balances their padded tokens.
     """
     batch = sorted(batch, key=lambda example: len(example[0]))
     denom = sum(len(ids) - n_src for ids, n_src in batch)
-    per_rank = len(batch) // world.dp_size
-    mine = batch[world.dp_rank * per_rank : (world.dp_rank + 1) * per_rank]
-    first = world.dp_rank * per_rank // micro_batch_size
+    micros = [batch[j : j + micro_batch_size] for j in range(0, len(batch), micro_batch_size)]
+    owners = deal_micro_batches([len(m) * len(m[-1][0]) for m in micros], world.dp_size)
     stats = torch.zeros(2)
-    for j in range(0, per_rank, micro_batch_size):
-        micro = mine[j : j + micro_batch_size]
-        torch.manual_seed(hash_seed(seed, first + j // micro_batch_size))
+    for j, micro in enumerate(micros):
+        if owners[j] != world.dp_rank:
+            continue
+        torch.manual_seed(hash_seed(seed, j))
         tokens, labels = collate(micro, world.device)
         loss = loss_sum(model, tokens, labels, autocast) / denom
         loss.backward()
         stats += torch.tensor([loss.item(), sum(len(ids) for ids, _ in micro)])
+    for p in model.parameters():  # a group left without a micro-batch (a short last batch) adds zeros
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     return stats
+
+
+def deal_micro_batches(costs: list[int], dp_size: int) -> list[int]:
+    """The data-parallel group that runs each micro-batch: the costliest first, each to the group
+    with the least work so far among those with fewer than their share of micro-batches (ties: the
+    lowest rank). Cutting the sorted batch into contiguous shares would give the last group every
+    long example, and make every step wait for it."""
+    cap = -(-len(costs) // dp_size)
+    load, count, owners = [0] * dp_size, [0] * dp_size, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min((r for r in range(dp_size) if count[r] < cap), key=lambda r: (load[r], r))
+        owners[j] = rank
+        load[rank] += costs[j]
+        count[rank] += 1
+    return owners
 
 
 @torch.no_grad()

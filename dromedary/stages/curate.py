@@ -52,7 +52,7 @@ def curate(
       knowledge_cutoff: as given to self-align; the exemplar phrases are checked with it filled in.
       mix: a ShareGPT-layout JSON file [{"id", "conversations": [{"from": "human"|"gpt", "value"}, ...]}]; the first human/gpt pair of each conversation is appended as an sft record with source "sharegpt-mix" and id "sharegpt:ID".
       min_repeat_words: sentences shorter than this may repeat; a longer sentence that repeats an earlier one cuts the answer there.
-      overwrite: start OUTPUT (and REJECTED) afresh instead of resuming (old files are kept as FILE.bak).
+      overwrite: start OUTPUT (and REJECTED) afresh instead of resuming (the old files are moved to FILE.bak-TIME). A resume of records curated from another input or with other options is refused.
     """
     options = dict(locals())
     internal = prompt_name or templates.internal_codename()
@@ -71,12 +71,18 @@ def curate(
     clashes = {r["id"] for r in inputs} & {r["id"] for r in mixed}
     if clashes:
         raise ValueError(f"{mix}: id {sorted(clashes)[0]!r} is also an id of {input}")
+    # The --mix file, like the input, counts by content (per id), not by its path.
+    settings = records.fingerprint_settings(options, ignore=records.RUN_ONLY + ("mix",))
+    if not overwrite:  # records curated from other input or with other options are not added to
+        done = set().union(*(records.scan_done_ids(p) for p in (output, rejected) if p))
+        records.check_fingerprint(output, settings, inputs + mixed, done, input_name=input)
 
     curator = Curator(internal, assistant_name, telltales, min_repeat_words)
     reasons: Counter[str] = Counter()  # reject reason kinds of self-align records
     kept = mixed_in = mix_duplicates = 0
     writer = records.open_output(output, overwrite=overwrite)
     reject_writer = records.open_output(rejected, overwrite=overwrite) if rejected else None
+    records.write_fingerprint(output, settings, inputs + mixed)
     with writer, (reject_writer or contextlib.nullcontext()):
         # Without --rejected, rejected ids are not stored: a rerun checks them again, with the same result.
         done = writer.done_ids | (reject_writer.done_ids if reject_writer else set())

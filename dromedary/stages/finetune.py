@@ -23,14 +23,21 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed, records
-from ..engine.builder import build
+from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import sft, templates
 
-_OUTPUTS = ("checkpoints", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl")
-# Flags that must not change between a checkpoint and the run resuming it.
+_OUTPUTS = ("checkpoints", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl", "finetune.provenance.json")
+# What must not change between a checkpoint and the run resuming it: the flags that shape the
+# training, and what it trains on (a digest of the training records, in order) and from (the base
+# model and tokenizer, records.path_identity).
 _RESUME_KEYS = ("source_max_len", "target_max_len", "add_eos", "assistant_name", "knowledge_cutoff", "lora_r",
-                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "total_steps")
+                "lora_alpha", "lora_dropout", "lora_target_modules", "batch_size", "learning_rate", "warmup_ratio",
+                "weight_decay", "max_grad_norm", "seed", "total_steps", "total_samples", "train_records",
+                "base_model", "tokenizer")
+_WHAT = {"total_steps": "--max_steps/--num_epochs", "total_samples": "--max_steps/--num_epochs",
+         "train_records": "training records (--input, --eval_fraction)", "base_model": "--ckpt_dir (its content)",
+         "tokenizer": "--tokenizer_path (its content)"}
 
 
 def finetune(
@@ -89,7 +96,7 @@ def finetune(
       lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
       lora_dropout: dropout on the LoRA input during training.
       lora_target_modules: projections to adapt, comma-separated: wq,wk,wv,wo,w1,w2,w3 or HF names q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj,up_proj.
-      num_epochs: passes over INPUT (fractions allowed). Default when neither this nor --max_steps is given: one epoch.
+      num_epochs: passes over INPUT (fractions allowed), counted exactly: the last step's batch is shorter where the epochs end inside it. Default when neither this nor --max_steps is given: one epoch.
       max_steps: optimizer steps to train, instead of --num_epochs.
       batch_size: records per optimizer step, over all data-parallel groups.
       micro_batch_size: records per forward pass on each data-parallel group; gradients accumulate up to --batch_size.
@@ -101,10 +108,10 @@ def finetune(
       save_steps: checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many steps (0: only at the end).
       gradient_checkpointing: recompute activations in the backward pass: much less memory, about a third more compute.
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
-      dtype: fp32 or bf16 for the frozen base weights (bf16 also runs the forward under autocast). Default: bf16 on GPUs that support it, fp32 on CPU.
+      dtype: fp32 or bf16 for the frozen base weights (bf16 also runs the forward under autocast). Default: bf16 on GPUs of compute capability 8.0 or later, fp32 on CPU; on older GPUs (fp16) pass --dtype fp32.
       seed: seed for the LoRA initialisation, the data order, the eval split and dropout.
-      resume: continue from the latest checkpoint in OUTPUT_DIR (ends exactly where an uninterrupted run would).
-      overwrite: start afresh in a non-empty OUTPUT_DIR (removes its checkpoints, adapter and log).
+      resume: continue from the latest checkpoint in OUTPUT_DIR (ends exactly where an uninterrupted run would); refused when the training records, the base model or a training flag changed since.
+      overwrite: start afresh in a non-empty OUTPUT_DIR (its checkpoints, adapter, log and provenance are moved to OUTPUT_DIR.bak-TIME, nothing is deleted).
     """
     targets = _check_flags(locals())
     options = {**locals(), "lora_target_modules": list(targets)}
@@ -119,8 +126,15 @@ def finetune(
     text = dict(assistant_name=assistant_name, knowledge_cutoff=knowledge_cutoff)
     train_pairs = [sft.conversation(r, input, **text) for r in train_records]
     eval_pairs = [sft.conversation(r, eval_input or input, **text) for r in held_out]
-    total_steps = max_steps or max(1, math.ceil((num_epochs or 1.0) * len(train_pairs) / batch_size))
-    options["total_steps"] = total_steps
+    if max_steps:
+        total_samples = max_steps * batch_size
+    else:  # exactly this many epochs: the last step's batch is short when they end inside it
+        total_samples = max(1, math.ceil(round((num_epochs or 1.0) * len(train_pairs), 6)))
+    total_steps = math.ceil(total_samples / batch_size)
+    options.update(total_steps=total_steps, total_samples=total_samples,
+                   train_records=records.record_digest({"records": [records.record_digest(r) for r in train_records]}),
+                   base_model=records.path_identity(resolve_ckpt_dir(ckpt_dir)),
+                   tokenizer=records.path_identity(tokenizer_path))
     out = Path(output_dir)
     resume_from = _latest_checkpoint(out, options) if resume else None
     if not resume:
@@ -155,7 +169,8 @@ def finetune(
                 if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
     order = sft.DataOrder(len(train_data), seed)
     if world.is_main:
-        print(f"finetune: {len(train_data)} records, {len(eval_data)} held out, {total_steps} steps of {batch_size}; "
+        print(f"finetune: {len(train_data)} records, {len(eval_data)} held out, {total_steps} steps of {batch_size} "
+              f"({total_samples / len(train_data):.4g} epochs); "
               f"{lora.summary(named, world):,} trainable LoRA parameters; world {world.world_size} "
               f"(model parallel {world.mp_size}, data parallel {world.dp_size})", file=sys.stderr)
     bar = tqdm(total=total_steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True,
@@ -163,7 +178,7 @@ def finetune(
     kill_after = int(os.environ.get("DROMEDARY_KILL_AFTER_STEP", 0))  # tests: a real SIGKILL mid-run
     started, seen_tokens = time.time(), 0
     for step in range(start, total_steps):
-        batch = [train_data[i] for i in order.batch(step, batch_size)]
+        batch = [train_data[i] for i in order.batch(step, batch_size, end=total_samples)]
         stats = sft.backward_batch(model, batch, micro_batch_size, world, seed=sft.hash_seed(seed, step), autocast=autocast)
         lora.all_reduce_grads(params, world)
         grad_norm = lora.clip_grad_norm(named, max_grad_norm, world)
@@ -174,7 +189,7 @@ def finetune(
         loss, tokens = sft.dp_sum(stats, world).tolist()
         seen_tokens += tokens
         rate = seen_tokens / max(1e-9, time.time() - started)
-        entry = {"step": step + 1, "epoch": round((step + 1) * batch_size / len(train_data), 4),
+        entry = {"step": step + 1, "epoch": round(min((step + 1) * batch_size, total_samples) / len(train_data), 4),
                  "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6), "tokens_per_s": round(rate, 1)}
         done = step + 1 == total_steps
         if eval_data and (done or (eval_steps and (step + 1) % eval_steps == 0)):
@@ -224,8 +239,12 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError("pass either --eval_input or --eval_fraction, not both")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
-    if o["dtype"] in ("fp16", "float16"):
-        raise ValueError("--dtype fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
+    # The dtype the builder will pick, not just the flag: without --dtype a GPU older than Ampere
+    # gets fp16 (distributed.pick_dtype).
+    if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
+        given = f"--dtype {o['dtype']}" if o["dtype"] else "fp16 (the default on a GPU without native bf16)"
+        raise ValueError(f"{given} needs loss scaling, which finetune does not do: pass --dtype fp32 "
+                         "(or --dtype bf16 on a GPU of compute capability 8.0 or later)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = o["model_parallel_size"] or world
     dp = world // mp if mp and world % mp == 0 else 1  # a bad --model_parallel_size is reported by the builder
@@ -240,10 +259,21 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
                                   f"or --overwrite to start afresh)")
-        if _is_rank0():
-            for name in _OUTPUTS:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if _is_rank0():  # the other ranks wait for it in build()
+            _back_up(out)
+
+
+def _back_up(out: Path) -> Optional[Path]:
+    """--overwrite: move what an earlier run wrote into a new sibling OUTPUT_DIR.bak-TIME[-N]."""
+    old = [out / name for name in _OUTPUTS if (out / name).exists()]
+    if not old:
+        return None
+    backup = records.backup_path(out.resolve())
+    backup.mkdir()
+    for path in old:
+        os.replace(path, backup / path.name)
+    print(f"{out}: --overwrite: moved the old {', '.join(p.name for p in old)} to {backup}", file=sys.stderr)
+    return backup
 
 
 def _is_rank0() -> bool:
@@ -321,11 +351,14 @@ def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
             print(f"{out}: no checkpoint to resume; starting from step 0", file=sys.stderr)
         return None
     meta = json.loads((done[-1] / "trainer_state.json").read_text())
-    changed = [k for k in _RESUME_KEYS if meta["options"].get(k) != options[k]]
+    digest = lambda v: v["digest"] if isinstance(v, dict) and "digest" in v else v  # noqa: E731 - paths may move
+    changed = [k for k in _RESUME_KEYS if digest(meta["options"].get(k)) != digest(options[k])]
     if changed:
-        flags = ["--max_steps/--num_epochs" if k == "total_steps" else "--" + k for k in changed]
-        raise ValueError(f"{done[-1]}: cannot resume with different {', '.join(flags)} "
-                         f"(was {', '.join(repr(meta['options'].get(k)) for k in changed)})")
+        what = list(dict.fromkeys(_WHAT.get(k, "--" + k) for k in changed))
+        raise ValueError(f"{done[-1]}: cannot resume: it was trained with other {', '.join(what)} "
+                         f"(was {', '.join(repr(meta['options'].get(k)) for k in changed)}); rerun with those, "
+                         f"or pass --overwrite instead of --resume to start afresh (the old adapter and "
+                         f"checkpoints are kept in {out}.bak-TIME)")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if meta["model_parallel_size"] != (options["model_parallel_size"] or world_size):
         raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")

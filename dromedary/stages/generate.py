@@ -51,7 +51,7 @@ def generate(
       max_seq_len: context window (prompt + completion). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id, so reruns and resumed runs repeat exactly.
-      overwrite: start OUTPUT afresh instead of resuming it (the old file is kept as OUTPUT.bak).
+      overwrite: start OUTPUT afresh instead of resuming it (the old output is moved to OUTPUT.bak-TIME). A resume of records made from other input, model or sampling options is refused.
     """
     options = dict(locals())
     stops = [stop] if isinstance(stop, str) else list(stop or ())  # Fire gives one string as a str
@@ -61,7 +61,7 @@ def generate(
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
-    if already_done(output, inputs, overwrite):
+    if already_done(output, inputs, overwrite, options):
         return
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .. import distributed, records
 from ..engine.generation import Engine, SamplingParams, row_seed
 from ..errors import UserError
+from ..jobs import model_settings
 from ..recipe import filters, importers, templates
 
 Method = Literal["tgrt", "self-instruct", "import"]
@@ -109,7 +110,7 @@ def generate_prompts(
       max_batch_size: requests generated together. A round asks for what is missing at the yield seen so far, at most MAX_BATCH_SIZE requests per question type (tgrt) or 8 x MAX_BATCH_SIZE requests (self-instruct).
       max_seq_len: context window. Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
-      overwrite: start OUTPUT afresh (the old file is kept as OUTPUT.bak) instead of resuming it.
+      overwrite: start OUTPUT afresh (the old output and its round state are moved to OUTPUT.bak-TIME) instead of resuming it. A resume with other generation settings or another model is refused.
     """
     options = dict(locals())
     _check_options(options)
@@ -217,18 +218,28 @@ def _state_path(output: str) -> Path:
     return Path(f"{output}.state.json")
 
 
-def _open_output(output: str, overwrite: bool, allowed_sources: set[str], method: str):
-    """The writer (validating and repairing the existing output) and the records already in it."""
-    writer = records.open_output(output, overwrite=overwrite)
-    if overwrite:
-        _state_path(output).unlink(missing_ok=True)
+def _open_output(output: str, overwrite: bool, allowed_sources: set[str], method: str, settings: dict,
+                 inputs: Optional[list[dict]] = None):
+    """The writer (validating and repairing the existing output) and the records already in it.
+    A resume of records made with other settings (or, for import, rows since changed) is refused."""
+    writer = records.open_output(output, overwrite=overwrite)  # --overwrite moves the state file too
     existing = records.read_kind(output, "prompts")
     foreign = sorted({r["source"] for r in existing} - allowed_sources)
-    if foreign:
+    try:
+        if foreign:
+            raise ValueError(f"{output} already holds {', '.join(foreign)} prompts: write {method} prompts to "
+                             "another --output (concatenate the files later), or pass --overwrite")
+        records.check_fingerprint(output, settings, inputs, writer.done_ids, input_name="--sources")
+    except ValueError:
         writer.close()
-        raise ValueError(f"{output} already holds {', '.join(foreign)} prompts: write {method} prompts to "
-                         "another --output (concatenate the files later), or pass --overwrite")
+        raise
+    records.write_fingerprint(output, settings, inputs)
     return writer, existing
+
+
+# What may change between runs that add to one output: where it goes, and how far it goes (a
+# rerun with a larger --num_prompts or --max_rounds continues; seeds can be added later).
+_RESUMABLE = ("output", "overwrite", "num_prompts", "max_rounds", "include_seeds", "model_parallel_size", "dtype")
 
 
 # --------------------------------------------------------------------------- import (no model)
@@ -243,7 +254,10 @@ def _import(o: dict) -> None:
     print(f"import: {stats.summary()}", file=sys.stderr)
     rows = [{"id": prompt_id(p.source, p.instruction, p.input), "instruction": p.instruction, "input": p.input,
              "source": p.source, "source_id": p.source_id} for p in prompts]
-    writer, _ = _open_output(o["output"], o["overwrite"], set(importers.SOURCES), "import")
+    # An imported record is its source row, and its id a hash of its text: records imported with
+    # other sources, filters or samples do not differ in kind, so they may share an output (a
+    # subsample adds nothing to its superset). Only the method is fingerprinted.
+    writer, _ = _open_output(o["output"], o["overwrite"], set(importers.SOURCES), "import", {"method": "import"})
     with writer:
         todo = records.pending(rows, writer.done_ids)
         print(records.resume_message(o["output"], len(rows), len(todo)), file=sys.stderr)
@@ -360,7 +374,8 @@ class _Run:
 
 def _open_run(o: dict) -> _Run:
     method = o["method"]
-    writer, existing = _open_output(o["output"], o["overwrite"], {method, SEED_SOURCE[method]}, method)
+    writer, existing = _open_output(o["output"], o["overwrite"], {method, SEED_SOURCE[method]}, method,
+                                    model_settings(o, ignore=_RESUMABLE))
     generated = [r for r in existing if r["source"] == method]
     state = _read_state(o["output"], method) or {"method": method, "rounds_done": 0}
     state["kept"] = len(generated)

@@ -4,7 +4,9 @@ generate-prompts -> self-align -> curate -> finetune [-> verbose-clone -> finetu
 turn. Stages are called through the command table (stages never import each other), in this
 process, so the pipeline runs under torchrun exactly like each stage does. A rerun skips the stages
 that DIR/pipeline_state.json marks done and resumes the first unfinished one (record stages skip
-the ids already written; finetune continues from its last checkpoint).
+the ids already written; finetune continues from its last checkpoint). A stage whose input an
+earlier stage of this run rewrote starts afresh where resuming would mix: finetune after a new
+sft.jsonl, verbose-clone after a new adapter (the old outputs are moved to OUTPUT.bak-TIME).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -135,7 +137,7 @@ def pipeline(
             continue
         _say(world, f"pipeline [{number}/{len(stages)}] {stage.name} -> {work / stage.output}")
         started = time.time()
-        _run(stage, work, world, waiting)
+        _run(_afresh_if_inputs_changed(stage, stages[: number - 1], rerun_from), work, world, waiting)
         seconds = round(time.time() - started, 1)
         distributed.barrier()
         if world.is_main:
@@ -248,6 +250,23 @@ def _json_literals(value: Any) -> Any:
 
 
 _PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter")
+
+
+def _afresh_if_inputs_changed(stage: _Stage, earlier: list[_Stage], rerun_from: str) -> _Stage:
+    """The stage with --overwrite instead of a resume where an earlier stage ran again in this run
+    and may have rewritten what it reads: finetune's checkpoint was trained on the old sft.jsonl,
+    verbose-clone's answers came from the old adapter. Record stages otherwise resume: their
+    fingerprint keeps what each record was made from, and new input records are simply added."""
+    names = [s.name for s in earlier]
+    ran = names[names.index(rerun_from):] if rerun_from in names else []
+    if not ran or "overwrite" in stage.flags:
+        return stage
+    if stage.command == "finetune" and stage.flags.get("resume") is True:
+        return replace(stage, flags={**stage.flags, "resume": False, "overwrite": True})
+    adapter = stage.flags.get("adapter")
+    if stage.command == "verbose-clone" and any(s.output == f"{adapter}/" for s in earlier if s.name in ran):
+        return replace(stage, flags={**stage.flags, "overwrite": True})
+    return stage
 
 
 def _run(stage: _Stage, work: Path, world: distributed.World, waiting) -> None:

@@ -63,7 +63,7 @@ def self_align(
       max_seq_len: context window (prompt + generation). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id.
-      overwrite: start OUTPUT afresh instead of resuming it (the old file is kept as OUTPUT.bak).
+      overwrite: start OUTPUT afresh instead of resuming it (the old output is moved to OUTPUT.bak-TIME). A resume of records made from other input, model, prompt or sampling options is refused.
     """
     options = dict(locals())
     name = assistant_name or templates.internal_codename()
@@ -80,20 +80,20 @@ def self_align(
     if empty:
         raise ValueError(f"{input}: record {empty[0]!r} has an empty instruction "
                          f"({len(empty)} record(s) in all); remove or fill them")
-    if already_done(output, inputs, overwrite):
+    version = templates.self_align_prompt_version(name, knowledge_cutoff, max_exemplars)
+    if already_done(output, inputs, overwrite, options, {"prompt_version": version}):
         return
 
     prefix = templates.self_align_prefix(name, knowledge_cutoff, max_exemplars)
     check_context(inputs, input, name=name, knowledge_cutoff=knowledge_cutoff, max_exemplars=max_exemplars,
                   ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                   max_new_tokens=max_new_tokens)
-    version = templates.self_align_prompt_version(name, knowledge_cutoff, max_exemplars)
 
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
-                   desc="self-align") as job:
+                   desc="self-align", fingerprint={"prompt_version": version}) as job:
         if job.todo:
             # Exactly the shared prefix, so every batch in every data-parallel group attends the
             # same cached block whatever words its records happen to share.

@@ -17,7 +17,7 @@ from typing import Optional
 from .. import distributed, records
 from ..engine.builder import build
 from ..engine.generation import Engine, Generation, SamplingParams, row_seed
-from ..jobs import RecordJob
+from ..jobs import RecordJob, check_resume
 from ..recipe import templates, textfilters
 
 SOURCE = "verbose-clone"
@@ -75,7 +75,7 @@ def verbose_clone(
       max_seq_len: context window (prompt + answer). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id.
-      overwrite: start OUTPUT (and REJECTED) afresh instead of resuming (old files are kept as FILE.bak).
+      overwrite: start OUTPUT (and REJECTED) afresh instead of resuming (the old files are moved to FILE.bak-TIME). A resume of answers made from other input, model, adapter or sampling options is refused.
     """
     options = dict(locals())
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -90,6 +90,10 @@ def verbose_clone(
     answer_filter = AnswerFilter(assistant_name, knowledge_cutoff, min_words, min_repeat_words, leak_words)
 
     inputs = records.read_kind(input, "sft")  # bad input stops here, before any model work
+    fingerprint = {"prompt_version": records.record_digest(
+        {"system": templates.verbose_system_prompt(assistant_name, knowledge_cutoff)})}
+    if not overwrite:  # a resume of answers made differently stops here, before the model loads
+        check_resume(output, inputs, options, fingerprint, also_done=[rejected])
     if _all_done(output, rejected, inputs, overwrite):
         return
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
@@ -117,7 +121,8 @@ def verbose_clone(
                      if rejected and world.is_group_writer else None)
     kept, reasons = 0, Counter()
     with RecordJob(output, todo, world, overwrite=overwrite, options=options, model=loaded.name,
-                   desc="verbose-clone") as job, (reject_writer or contextlib.nullcontext()):
+                   desc="verbose-clone", fingerprint=fingerprint, resume_inputs=inputs,
+                   also_done=[rejected]) as job, (reject_writer or contextlib.nullcontext()):
         for batch in job.batches(max_batch_size):
             prompts = [templates.verbose_clone_prompt(r["instruction"], r["input"], assistant_name, knowledge_cutoff)
                        for r in batch]

@@ -4,7 +4,8 @@
 attention over the shared prefix and the row's own keys, SwiGLU, residuals) and the output
 projection inside one OpenMP region; see its header for why and for the weight layout. It is
 compiled on first use with the system C compiler ($CC, else cc; about a second) into the cache
-directory the default model uses. It runs on `torch.get_num_threads()` OpenMP threads, in
+directory the default model uses, and loaded from there only while that directory and the file
+are the user's own and writable by nobody else (its path is predictable). It runs on `torch.get_num_threads()` OpenMP threads, in
 PyTorch's own OpenMP runtime where PyTorch ships libgomp under its usual name (the CPU wheel of
 torch 2.13 does; the library then links to the copy already loaded). Products run on the AMX tile
 unit where the CPU has one (DROMEDARY_NATIVE_AMX=0 keeps them on AVX512 FMAs).
@@ -22,6 +23,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -82,6 +84,17 @@ class _Step(ctypes.Structure):
     ]
 
 
+def _untrusted(path: Path) -> Optional[str]:
+    """Why the library at (or the directory of) a predictable cache path must not be loaded, or
+    None: whoever else owns it or may write to it could put any code there, run in this process."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"others may write to it (mode {stat.filemode(st.st_mode)}; `chmod go-w` it if it is yours)"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled step, built once per source and compiler; None (with a warning saying why)
@@ -96,13 +109,19 @@ def library() -> Optional[ctypes.CDLL]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
         key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
         target = cache_root() / "native" / f"decode_cpu-{key}.so"
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (target.parent, target):
+            reason = path.exists() and _untrusted(path)
+            if reason:
+                warnings.warn(f"native CPU decoding step: not loading {path}: {reason}; using the PyTorch step")
+                return None
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             # Built beside the target and renamed into place: ranks building at once never load a half-written file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
                 subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
+                os.chmod(tmp, 0o755)  # whatever the umask: nobody else may write what we load
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
