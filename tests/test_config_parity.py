@@ -462,3 +462,39 @@ def test_rope_tables_match_transformers_inv_freq():
     _, spec = checkpoint.hf_rope_spec(json.loads(config.to_json_string()), "config.json")
     torch.testing.assert_close(rope.frequencies(16, 1e4, spec, 100)[0].float(), theirs.float(), rtol=1e-6, atol=0)
     torch.testing.assert_close(rope.frequencies(16, 1e4, spec, 50)[0], rope.base_frequencies(16, 1e4))
+
+
+def test_pipeline_passes_max_seq_len_to_the_generating_stages():
+    import inspect
+
+    from dromedary.stages.pipeline import _plan, pipeline
+
+    options = {k: p.default for k, p in inspect.signature(pipeline).parameters.items()}
+    stages, key = _plan({**options, "workdir": "w", "ckpt_dir": "/models/llama-2-7b", "max_seq_len": 4096})
+    got = {s.name: s.flags.get("max_seq_len") for s in stages}
+    assert got == {"generate-prompts": 4096, "self-align": 4096, "curate": None, "finetune": None, "chat": 4096}
+    assert key["max_seq_len"] == 4096
+    assert "max_seq_len" not in _plan({**options, "workdir": "w", "ckpt_dir": "/m"})[1]
+
+
+def test_one_token_kernels_step_aside_for_dynamic_ntk(tmp_path, tokenizer_path):
+    """lean.py and native.py hold one rotation table; dynamic NTK's changes with the length, so
+    the engine decodes through the model's forward (which picks the table per pass)."""
+    from dromedary.llama.kernels.lean import LeanDecoder
+    from dromedary.llama.kernels.native import NativeDecoder
+    from dromedary.llama.model import can_prepack, prepack_weights
+
+    fields = dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    hf_checkpoint(tmp_path / "dyn", tokenizer_path, **fields)
+    hf_checkpoint(tmp_path / "plain", tokenizer_path)
+    built = {name: builder.build(str(tmp_path / name), model_parallel_size=1, dtype="bf16", device="cpu").model
+             for name in ("dyn", "plain")}
+    if not can_prepack(built["plain"]):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    for model in built.values():
+        prepack_weights(model)
+    assert built["dyn"].rope_varies_with_length and not built["plain"].rope_varies_with_length
+    assert LeanDecoder.build(built["dyn"]) is None and NativeDecoder.build(built["dyn"]) is None
+    assert LeanDecoder.build(built["plain"]) is not None
+    assert Engine(built["dyn"], builder.build(str(tmp_path / "dyn"), model_parallel_size=1, dtype="bf16",
+                                              device="cpu").tokenizer)._fast_step is None

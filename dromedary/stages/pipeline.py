@@ -176,7 +176,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     model = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"],
              "model_parallel_size": o["model_parallel_size"], "dtype": o["dtype"], "seed": o["seed"]}
     name = o["assistant_name"]
-    window = {"max_seq_len": o["max_seq_len"]}  # the generating stages; finetune sizes its own
+    window = {"max_seq_len": o.get("max_seq_len")}  # the generating stages; finetune sizes its own
 
     def flags(stage: str, command: str, base: dict) -> dict:
         preset = TINY_FLAGS.get(command, {}) if tiny and not (command == "generate-prompts" and o["method"] == "import") else {}
@@ -224,7 +224,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     key = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"], "method": o["method"],
            "num_prompts": num_prompts, "sources": o["sources"], "assistant_name": name, "seed": o["seed"],
            "stage_flags": extra}
-    if o["max_seq_len"] is not None:  # absent from the key otherwise: earlier work directories still match
+    if o.get("max_seq_len") is not None:  # absent from the key otherwise: earlier work directories still match
         key["max_seq_len"] = o["max_seq_len"]
     return stages, key
 
