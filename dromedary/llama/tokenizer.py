@@ -314,9 +314,11 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer`: from a tokenizer.json (BOS/EOS from the tokenizer_config.json
     beside it), or built elsewhere (GGUF) and wrapped with `from_tokenizer`.
 
-    BOS is added as transformers adds it: an explicit `add_bos_token` in tokenizer_config.json
-    decides; otherwise the tokenizer.json's post_processor does (Llama-3's template puts
-    `<|begin_of_text|>` first; SmolLM2's byte-level one adds nothing)."""
+    BOS: where the tokenizer.json's post_processor puts one first (Llama-3's template puts
+    `<|begin_of_text|>` there), as transformers 5 encodes, even against an `add_bos_token: false`
+    (llama.cpp's converter would drop it; transformers keeps it); else where tokenizer_config.json
+    says `add_bos_token: true` (LlamaTokenizer's default, llama.cpp's reading; transformers 5's
+    generic backend ignores it). SmolLM2 has neither and gets no BOS."""
 
     def __init__(self, path):
         import tokenizers
@@ -332,11 +334,10 @@ class HFTokenizer(Tokenizer):
         prefix = _post_processor_prefix(tk, path)
         bos_name = _token_name(config.get("bos_token"))
         bos_id = tk.token_to_id(bos_name) if bos_name else None
-        if "add_bos_token" in config:
-            add_bos = bool(config["add_bos_token"]) and bos_id is not None
-        else:
-            add_bos = bool(prefix)
-            bos_id = prefix[0] if prefix else bos_id
+        if prefix:  # the template's BOS, whatever add_bos_token says (as transformers 5 encodes)
+            add_bos, bos_id = True, prefix[0]
+        else:  # LlamaTokenizer's (and llama.cpp's) reading of the flag
+            add_bos = bool(config.get("add_bos_token", False)) and bos_id is not None
         eos_name = _token_name(config.get("eos_token"))
         if eos_name is not None and tk.token_to_id(eos_name) is None:
             raise TokenizerError(f"{path.parent / 'tokenizer_config.json'}: eos_token {eos_name!r} is not in {path}")
