@@ -400,15 +400,32 @@ def test_refused_metadata_names_the_field_and_writes_nothing(tmp_path, case):
 
 
 def test_pipeline_runs_every_stage_on_the_gguf(tmp_path):
+    """Every stage on SmolLM2. A 135M model does not keep the exemplars' format (its answers never
+    reach the answer marker), so curate keeps nothing on the first run; the self-align answers are
+    then given the marker by hand, and the rerun goes on from curate through finetune and chat."""
+    from dromedary.recipe import templates
+
     work = tmp_path / "work"
     flags = {"generate-prompts": {"max_rounds": 2, "topic_rounds": 1, "topics_per_type": 2, "max_batch_size": 4},
-             "self-align": {"max_new_tokens": 24, "max_batch_size": 2},
+             "self-align": {"max_new_tokens": 16, "max_batch_size": 2},
              "finetune": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "source_max_len": 128,
                           "target_max_len": 32, "save_steps": 2},
              "chat": {"max_new_tokens": 8}}
-    result = run([*python_m(), "pipeline", "--workdir", work, "--ckpt_dir", smollm2_path(), "--num_prompts", "2",
-                  "--stage_flags", json.dumps(flags)], timeout=900)
-    assert "pipeline finished" in result.stdout, result.stderr[-3000:]
-    assert read_jsonl(work / "prompts.jsonl") and read_jsonl(work / "self_align.jsonl")
+    command = [*python_m(), "pipeline", "--workdir", work, "--ckpt_dir", smollm2_path(), "--num_prompts", "2",
+               "--stage_flags", json.dumps(flags)]
+    first = run(command, timeout=900, check=False)
+    assert first.returncode != 0 and "curate wrote no records" in first.stderr, first.stderr[-3000:]
+    aligned = read_jsonl(work / "self_align.jsonl")
+    assert len(read_jsonl(work / "prompts.jsonl")) == len(aligned) == 2 and all(r["generation"] for r in aligned)
+
+    answer = f"{templates.self_identification_sentence()}\n\n{templates.answer_marker(templates.internal_codename())}"
+    (work / "self_align.jsonl").write_text("".join(
+        json.dumps({**r, "generation": f"{answer} Camels carry water for days.\n"}) + "\n" for r in aligned))
+    for name in ("sft.jsonl", "rejected.jsonl"):
+        for f in work.glob(name + "*"):
+            f.unlink()
+    second = run(command, timeout=900)
+    assert "pipeline finished" in second.stdout and second.stderr.count("done earlier, skipping") == 2
+    assert len(read_jsonl(work / "sft.jsonl")) == 2
     assert (work / "adapter" / "adapter_model.safetensors").is_file()
-    assert read_jsonl(work / "sample_chat.jsonl")[0]["role"] == "user"
+    assert [t["role"] for t in read_jsonl(work / "sample_chat.jsonl")] == ["user", "assistant"]
