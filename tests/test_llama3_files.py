@@ -43,6 +43,7 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
 
 
 def ours(ckpt: Path, tmp_path: Path, mp: int) -> dict[str, str]:
+    tmp_path.mkdir(exist_ok=True)
     inputs, out = tmp_path / f"in-{mp}.jsonl", tmp_path / f"out-{mp}.jsonl"
     write_jsonl(inputs, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
     args = ["generate", "--ckpt_dir", ckpt, "--input", inputs, "--output", out, "--temperature", 0,
@@ -112,3 +113,14 @@ def test_hf_layout_generates_what_transformers_generates(hf_ckpt, tmp_path, mp):
         # Control tokens the random model emits are not text (as transformers' skip_special_tokens).
         decode = lambda x: ref_tok.decode(x, skip_special_tokens=True)  # noqa: E731
         assert got[f"p{i}"] == decode(ids[-1:] + new)[len(decode(ids[-1:])):], text
+
+
+def test_convert_keeps_a_tokenizer_json_and_its_configuration(hf_ckpt, tmp_path):
+    folder, model = hf_ckpt
+    out = tmp_path / "meta"
+    run(python_m() + ["convert", "--ckpt_dir", folder, "--output_dir", out, "--layout", "meta", "--num_shards", 2])
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    before, after = load_tokenizer(folder), load_tokenizer(out)
+    assert (after.bos_id, after.add_bos, after.stop_ids) == (before.bos_id, before.add_bos, before.stop_ids)
+    assert [after.encode(p) for p in PROMPTS] == [before.encode(p) for p in PROMPTS]
+    assert ours(out, tmp_path / "converted", 1) == ours(folder, tmp_path / "original", 1)

@@ -1024,5 +1024,26 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
         raise ValueError(f"--layout {layout!r}: choose meta or hf")
-    if tokenizer is not None and Path(tokenizer).exists():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), out)
+
+
+# What a checkpoint's tokenizer is made of: the model file(s) and the configuration that says
+# where BOS goes and which tokens are special (load_tokenizer reads tokenizer.json first).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """Copy the tokenizer of `source` (a checkpoint directory, or one tokenizer file together with
+    the configuration beside it) into `out`, so the written checkpoint tokenizes as the source did."""
+    if source.is_dir():
+        files = [source / name for name in TOKENIZER_FILES]
+    elif source.is_file():
+        name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(source, out / name)
+        files = [source.parent / n for n in TOKENIZER_FILES[2:]]
+    else:
+        return
+    for f in files:
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)

@@ -30,7 +30,7 @@ def convert(
       output_dir: destination directory; must be empty or missing unless --overwrite.
       layout: "meta" (params.json + consolidated.NN.pth) or "hf" (config.json + model*.safetensors).
       num_shards: Meta layout: number of consolidated.NN.pth shards (any count; one per model-parallel rank is conventional).
-      tokenizer_path: tokenizer.model to copy along. Default: CKPT_DIR/tokenizer.model.
+      tokenizer_path: tokenizer file (tokenizer.json or tokenizer.model) to copy along, with the tokenizer_config.json beside it. Default: CKPT_DIR's tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json).
       adapter: a LoRA adapter directory (from `dromedary finetune`) to merge into the weights.
       max_file_gb: HF layout: largest safetensors file before splitting into several with an index.
       overwrite: allow writing into a non-empty OUTPUT_DIR.
@@ -53,7 +53,7 @@ def convert(
 
         adjust = merge_function(adapter, reader.args)
     from_gguf = reader.layout == "gguf" and not tokenizer_path  # the tokenizer is in the file's metadata
-    tokenizer = Path(tokenizer_path) if tokenizer_path else None if from_gguf else Path(ckpt_dir) / "tokenizer.model"
+    tokenizer = Path(tokenizer_path) if tokenizer_path else None if from_gguf else Path(ckpt_dir)
     checkpoint.save_checkpoint(reader, out, layout=layout, num_shards=num_shards, adjust=adjust,
                                max_file_bytes=int(max_file_gb * 2**30), tokenizer=tokenizer)
     if from_gguf:
