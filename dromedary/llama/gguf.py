@@ -120,7 +120,7 @@ class GGUFReader(Reader):
         self.tied = "output.weight" not in self._tensors
         self.args = args_from_gguf(self.meta, self._tensors, self.path)
         check_shapes(self)  # a wrong file stops here, before any weight is read or anything written
-        self.eos_token_ids = eos_token_ids(self.meta)
+        self._eos_ids = tuple(eos_token_ids(self.meta))
 
     def get(self, name: str) -> torch.Tensor:
         if name == "output.weight" and self.tied:
