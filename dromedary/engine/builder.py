@@ -39,6 +39,28 @@ def resolve_ckpt_dir(ckpt_dir: Optional[str]) -> Path:
     return ensure_default_model()
 
 
+def open_tokenizer(tokenizer_path: Optional[str], ckpt_dir: Path) -> Tokenizer:
+    """The tokenizer of a checkpoint (or the one given): the one place build() and peek() get it."""
+    return Tokenizer(tokenizer_path or ckpt_dir / "tokenizer.model")
+
+
+@dataclass
+class Peek:
+    tokenizer: Tokenizer
+    window: int  # the context window the engine will have (--max_seq_len or the checkpoint's)
+    ckpt_dir: Path
+
+
+def peek(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         max_seq_len: Optional[int] = None) -> Peek:
+    """The tokenizer and the context window without loading weights, for checks that must run
+    before them: `open_checkpoint` reads the config and the tensor headers (safetensors headers,
+    memory-mapped .pth files), not the tensors' data."""
+    path = resolve_ckpt_dir(ckpt_dir)
+    window = max_seq_len or checkpoint.open_checkpoint(path).args.max_seq_len
+    return Peek(open_tokenizer(tokenizer_path, path), window, path)
+
+
 def build(
     ckpt_dir: Optional[str] = None,
     *,
@@ -58,7 +80,7 @@ def build(
     distributed.barrier()
     path = resolve_ckpt_dir(ckpt_dir)
     reader = checkpoint.open_checkpoint(path)  # first: a mistyped --ckpt_dir is named as such
-    tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+    tokenizer = open_tokenizer(tokenizer_path, path)
     torch_dtype = distributed.pick_dtype(world.device, dtype)
     source = reader.args
     if tokenizer.n_words > source.vocab_size:

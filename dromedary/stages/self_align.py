@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build, resolve_ckpt_dir
+from ..engine.builder import build, peek
 from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
-from ..llama.checkpoint import open_checkpoint
-from ..llama.tokenizer import Tokenizer
 from ..recipe import templates
 
 
@@ -116,9 +114,8 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     otherwise fail mid-run, or (the engine shortens a batch's budget to its longest row) change
     the other answers of its batch.
     """
-    path = resolve_ckpt_dir(ckpt_dir)
-    window = max_seq_len or open_checkpoint(path).args.max_seq_len
-    tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+    view = peek(ckpt_dir, tokenizer_path, max_seq_len)
+    window, tokenizer = view.window, view.tokenizer
 
     def prefix_tokens(k: Optional[int]) -> int:
         return len(tokenizer.encode(templates.self_align_prefix(name, knowledge_cutoff, k)))
