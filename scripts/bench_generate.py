@@ -3,6 +3,7 @@
     python scripts/bench_generate.py                       # W1, W2, W3 at full size
     python scripts/bench_generate.py --quick               # smaller sizes, a smoke run
     python scripts/bench_generate.py --workloads W1 --repeats 5
+    python scripts/bench_generate.py --device cuda --model 1b   # on a GPU (scripts/gpu_check.sh)
 
 A random-weight LLaMA (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) is written once in
 Meta layout (loaded by `builder.build`, as every stage loads a model) and once in HF layout (loaded
@@ -29,6 +30,11 @@ Workloads:
   W2  batch 8 distinct 256-token prompts, 128 new tokens. Target: ours >= 1.5x HF.
   W3  batch 1 decode (128-token prompt, 128 new tokens): decode tokens/s x weight bytes as a
       fraction of the measured memory copy bandwidth. Target: >= 60%.
+
+On a GPU (--device cuda): both sides run on the device, times are taken after a device
+synchronize, CPU-time columns are the host's (not a measure of the GPU's work), and --model 1b (a
+TinyLlama-shaped 1.1B GQA model: dim 2048, 22 layers, 32 heads, 4 kv heads, FFN 5632) is the size
+to measure; --peak-bandwidth GB/s adds the device's nominal bandwidth (H200: 4800) to W3's line.
 
 Bandwidth definition: a large (1 GiB) fp32 tensor `copy_` into a preallocated buffer, counting
 the bytes read plus the bytes written, per second (median of copies timed between the W3 runs, so
@@ -67,6 +73,7 @@ from dromedary.llama.model import ModelArgs  # noqa: E402
 
 MODEL = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=2048)
 QUICK_MODEL = dict(dim=256, n_layers=4, n_heads=4, vocab_size=32000, hidden_dim=768, max_seq_len=2048)
+MODEL_1B = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632, max_seq_len=2048)
 
 
 @dataclass
@@ -115,15 +122,24 @@ def make_tokenizer(out: Path, vocab: int) -> Path:
 
 
 def make_checkpoints(out: Path, args: ModelArgs, seed: int) -> tuple[Path, Path]:
-    reader = checkpoint.StateReader(args, checkpoint.init_state(args, seed, std=0.02))
+    # bf16 on disk: what both sides run in, and half the bytes to write for the 1B model.
+    reader = checkpoint.StateReader(args, checkpoint.init_state(args, seed, std=0.02, dtype=torch.bfloat16))
     meta_dir, hf_dir = out / "meta", out / "hf"
     checkpoint.save_checkpoint(reader, meta_dir, layout="meta")
     checkpoint.save_checkpoint(reader, hf_dir, layout="hf")
     return meta_dir, hf_dir
 
 
+DEVICE = "cpu"  # --device
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def load_ours(meta_dir: Path, tokenizer: Path, dtype: str, native: bool = True) -> Engine:
-    loaded = builder.build(str(meta_dir), tokenizer_path=str(tokenizer), dtype=dtype, device="cpu")
+    loaded = builder.build(str(meta_dir), tokenizer_path=str(tokenizer), dtype=dtype, device=DEVICE)
     return Engine(loaded.model, loaded.tokenizer, native=native)
 
 
@@ -139,7 +155,7 @@ def step_name(engine: Engine) -> str:
 def load_hf(hf_dir: Path, dtype: torch.dtype):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(DEVICE)
     model.eval()
     return model
 
@@ -166,21 +182,25 @@ def run_ours(engine: Engine, prompts: list[list[int]], n: int, *, cold: bool = T
     # min_new_tokens = max_new_tokens masks EOS at every step, as HF's min_new_tokens does.
     params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)
     if cold:
-        engine._prefix = None
+        engine._prefix = engine._pinned = None
+    sync()
     start, cpu = time.perf_counter(), time.process_time()
     gens = engine.generate(prompts, params)
+    sync()
     return [g.tokens for g in gens], (time.perf_counter() - start, time.process_time() - cpu)
 
 
 def run_hf(model, prompts: list[list[int]], n: int):
     # Every workload's rows have one length, so no padding and an all-ones attention mask.
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=DEVICE)
+    sync()
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
             num_beams=1, eos_token_id=2, pad_token_id=0, use_cache=True,
         )
+    sync()
     return out[:, ids.shape[1] :].tolist(), (time.perf_counter() - start, time.process_time() - cpu)
 
 
@@ -217,19 +237,22 @@ COPY_BYTES = 1 << 30
 def make_copy(nbytes: int = COPY_BYTES):
     """A timed 1 GiB tensor copy into a preallocated buffer; bandwidth = 2 * nbytes / seconds
     (bytes read + bytes written). Timed alongside the decode runs so that both see the same load."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
 
     def run():
+        sync()
         start, cpu = time.perf_counter(), time.process_time()
         dst.copy_(src)
+        sync()
         return None, (time.perf_counter() - start, time.process_time() - cpu)
 
     return run
 
 
 def decode_weight_bytes(args: ModelArgs, element_size: int) -> int:
-    per_layer = 4 * args.dim * args.dim + 3 * args.dim * args.ffn_size  # wq wk wv wo, w1 w2 w3 (MHA)
+    kv_dim = args.kv_heads * args.head_size
+    per_layer = 2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * args.ffn_size  # wq wo, wk wv, w1 w2 w3
     return (args.n_layers * per_layer + args.vocab_size * args.dim) * element_size
 
 
@@ -241,6 +264,11 @@ def main() -> None:
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller model and sizes: a smoke run")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--model", choices=("default", "1b"), default="default",
+                    help="default: dim 768, 12 layers (CPU); 1b: TinyLlama-shaped 1.1B GQA model (GPU)")
+    ap.add_argument("--peak-bandwidth", type=float, default=None,
+                    help="the device's nominal memory bandwidth in GB/s, shown beside the measured copy")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="time only our engine (profiling)")
@@ -255,8 +283,12 @@ def main() -> None:
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"--workloads: unknown {unknown}; choose from {sorted(table)}")
+    global DEVICE
+    DEVICE = opts.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     torch.set_num_threads(opts.threads)
-    args = ModelArgs(**(QUICK_MODEL if opts.quick else MODEL))
+    args = ModelArgs(**(QUICK_MODEL if opts.quick else MODEL_1B if opts.model == "1b" else MODEL))
 
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         tmp = Path(tmp)
@@ -264,8 +296,10 @@ def main() -> None:
         meta_dir, hf_dir = make_checkpoints(tmp, args, opts.seed)
         ours = load_ours(meta_dir, tok, "bf16", native=not opts.no_native)
         hf = None if opts.no_hf else load_hf(hf_dir, torch.bfloat16)
-        print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, FFN {args.ffn_size}, "
-              f"vocab {args.vocab_size}, bf16 | torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+        print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads ({args.kv_heads} kv), "
+              f"FFN {args.ffn_size}, vocab {args.vocab_size}, bf16 on {where} | torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, "
               f"repeats {opts.repeats} (median), load average {os.getloadavg()[0]:.1f}\n"
               f"our decoding step: {step_name(ours)}")
         summary, mismatched = [], False
@@ -324,7 +358,11 @@ def main() -> None:
                          f"(read + written, 1 GiB copy_) (target >= {w.target:.0%})")
                 cpu_bw = 2 * COPY_BYTES / timed["copy"][2]
                 cpu_moved = (w.new - 1) / max(c_ours - timed["prefill"][2], 1e-9) * weights
-                line += f"; by CPU time {cpu_moved / cpu_bw:.0%}"
+                if DEVICE == "cpu":
+                    line += f"; by CPU time {cpu_moved / cpu_bw:.0%}"
+                if opts.peak_bandwidth:
+                    line += (f"; {moved / 1e9 / opts.peak_bandwidth:.0%} of the nominal {opts.peak_bandwidth:g} GB/s "
+                             f"(copy reaches {bandwidth / 1e9 / opts.peak_bandwidth:.0%} of it)")
             summary.append(line)
 
         if hf is not None and (opts.fp32_check == "always" or (opts.fp32_check == "auto" and mismatched)):

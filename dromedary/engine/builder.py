@@ -40,10 +40,35 @@ def resolve_ckpt_dir(ckpt_dir: Optional[str]) -> Path:
 
 
 def checkpoint_tokenizer(path: Path, tokenizer_path: Optional[str], reader=None) -> Tokenizer:
-    """--tokenizer_path when given; else the checkpoint's own: its tokenizer files, or a GGUF's metadata."""
-    if not tokenizer_path and (reader.layout if reader is not None else checkpoint.detect_layout(path)) == "gguf":
-        return (reader or checkpoint.open_checkpoint(path)).load_tokenizer()
-    return load_tokenizer(tokenizer_path or path)
+    """The tokenizer of a checkpoint, the one place build() and peek() get it: --tokenizer_path when
+    given; else the checkpoint's own (its tokenizer.json, else its tokenizer.model; a GGUF's
+    metadata). Its stop ids also take every end id that config.json / generation_config.json list."""
+    reader = reader if reader is not None else checkpoint.open_checkpoint(path)
+    if not tokenizer_path and reader.layout == "gguf":
+        tokenizer = reader.load_tokenizer()
+    else:
+        tokenizer = load_tokenizer(tokenizer_path or path)
+    tokenizer.stop_ids |= {i for i in reader.eos_token_ids if 0 <= i < tokenizer.n_words}
+    return tokenizer
+
+
+@dataclass
+class Peek:
+    tokenizer: Tokenizer
+    window: int  # the context window the engine will have (--max_seq_len or the checkpoint's)
+    note: str  # where the window came from when no file states it ("" when one does)
+    ckpt_dir: Path
+
+
+def peek(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         max_seq_len: Optional[int] = None) -> Peek:
+    """The tokenizer and the context window without loading weights, for checks that must run
+    before them: `open_checkpoint` reads the config and the tensor headers (safetensors headers,
+    memory-mapped .pth files), not the tensors' data."""
+    path = resolve_ckpt_dir(ckpt_dir)
+    reader = checkpoint.open_checkpoint(path)
+    window = reader.set_window(max_seq_len)  # also refuses a window past a sliding-window span
+    return Peek(checkpoint_tokenizer(path, tokenizer_path, reader), window, reader.args.window_note, path)
 
 
 def build(
@@ -65,10 +90,7 @@ def build(
     distributed.barrier()
     path = resolve_ckpt_dir(ckpt_dir)
     reader = checkpoint.open_checkpoint(path)  # first: a mistyped --ckpt_dir is named as such
-    # The checkpoint's own tokenizer (its tokenizer.json, else its tokenizer.model) unless one is named.
     tokenizer = checkpoint_tokenizer(path, tokenizer_path, reader)
-    # config.json / generation_config.json may list more end ids than the tokenizer knows.
-    tokenizer.stop_ids |= {i for i in getattr(reader, "eos_token_ids", []) if 0 <= i < tokenizer.n_words}
     torch_dtype = distributed.pick_dtype(world.device, dtype)
     source = reader.args
     if tokenizer.n_words > source.vocab_size:

@@ -395,6 +395,20 @@ class Engine:
         return scores
 
 
+def refuse_overlong(counts: Sequence[tuple[str, int]], window: int, reserve: int, *, source: str, what: str,
+                    fix: str, note: str = "") -> None:
+    """Before any weights load: ValueError naming the first (id, prompt tokens) in `counts` that
+    with `reserve` new tokens does not fit the context window, the count of such, and the fix.
+    (The engine itself refuses a prompt of `window` tokens or more, halfway through a run.) `note`
+    says where the window came from when no checkpoint file states it."""
+    over = [(rid, n) for rid, n in counts if n + reserve > window]
+    if over:
+        rid, n = over[0]
+        room = f" plus {reserve} new tokens" if reserve > 1 else ""
+        raise ValueError(f"{source}: {what} {rid!r} has {n} prompt tokens{room}, which exceeds the context "
+                         f"window of {window} tokens{note} ({len(over)} in all); {fix}")
+
+
 def draw(probs: torch.Tensor, seeds: Sequence[int], step: int) -> torch.Tensor:
     """One token per row of `probs` (B, V), non-negative, not necessarily normalised: row i
     inverts its cumulative distribution at `uniform(seeds[i], step)`. The draw depends on the

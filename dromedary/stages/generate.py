@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build
-from ..engine.generation import Engine, SamplingParams, row_seed
+from ..engine.builder import build, peek
+from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
 from ..jobs import RecordJob, already_done
 
 
@@ -63,6 +63,13 @@ def generate(
     inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
     if already_done(output, inputs, overwrite, options):
         return
+    # Every record is checked before the weights load: one that cannot fit would stop the run
+    # halfway, and every rerun there. A row's budget is what its own prompt leaves of the window.
+    view = peek(ckpt_dir, tokenizer_path, max_seq_len)
+    refuse_overlong([(r["id"], len(view.tokenizer.encode(r["prompt"]))) for r in inputs], view.window, 1,
+                    source=input, what="record",
+                    fix="shorten or drop such records, or give a larger --max_seq_len if the model supports it",
+                    note=view.note)
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)

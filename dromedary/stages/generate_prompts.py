@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, get_args
 from tqdm import tqdm
 
 from .. import distributed, records
-from ..engine.generation import Engine, SamplingParams, row_seed
+from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
 from ..errors import UserError
 from ..jobs import model_settings
 from ..recipe import filters, importers, templates
@@ -139,8 +139,9 @@ def generate_prompts(
                 print(f"{output}: wrote {start.written} seed records", file=sys.stderr)
                 records.write_provenance(output, command=sys.argv, options=options, model=None)
         return
-    from ..engine.builder import build
+    from ..engine.builder import build, peek
 
+    _check_context(options, peek(ckpt_dir, tokenizer_path, max_seq_len))
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
@@ -191,6 +192,27 @@ def _check_options(o: dict) -> None:
     if not 0 < o["similarity_threshold"] <= 1:
         raise ValueError(f"--similarity_threshold must be in (0, 1], got {o['similarity_threshold']}")
     filters.InstructionFilter(o["min_words"], o["max_words"])  # raises on a bad range
+
+
+def _check_context(o: dict, view) -> None:
+    """Before the weights load: the largest request a run can make, plus its token budget, fits
+    the window (requests are built in rounds, so their worst case is checked: the longest seed
+    tasks shown together; per question type, its longest topic and its brainstorm prompt)."""
+    tok, window = view.tokenizer, view.window
+    if o["method"] == "self-instruct":
+        longest = sorted(templates.load_seed_tasks(), key=lambda t: -len(tok.encode(t["instruction"] + t["input"])))
+        n = len(tok.encode(templates.self_instruct_prompt(longest[: o["seeds_per_request"]], o["tasks_per_request"])))
+        refuse_overlong([(f"{o['seeds_per_request']} longest seed tasks", n)], window,
+                        TASK_TOKENS * o["tasks_per_request"], source="self-instruct", what="a request showing the",
+                        fix="lower --seeds_per_request or --tasks_per_request, or give a larger --max_seq_len", note=view.note)
+        return
+    for t in templates.load_question_types():
+        topics = sorted(t.topics, key=lambda x: -len(x))[:TOPICS_SHOWN]
+        asks = [(len(tok.encode(templates.tgrt_question_prompt(t, topics[0]))) if topics else 0, QUESTION_TOKENS),
+                (len(tok.encode(templates.topic_brainstorm_prompt(t, topics, NEW_TOPICS_PER_REQUEST))), TOPIC_TOKENS)]
+        for n, budget in asks:
+            refuse_overlong([(t.name, n)], window, budget, source="tgrt", what="the prompt for question type",
+                            fix="give a larger --max_seq_len (the TGRT prompts need it)", note=view.note)
 
 
 # --------------------------------------------------------------------------- ids and records

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build, checkpoint_tokenizer, resolve_ckpt_dir
+from ..engine.builder import build, peek
 from ..engine.generation import Engine, SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
-from ..llama.checkpoint import open_checkpoint
 from ..recipe import templates
 
 
@@ -115,11 +114,9 @@ def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff
     otherwise fail mid-run, or (the engine shortens a batch's budget to its longest row) change
     the other answers of its batch.
     """
-    path = resolve_ckpt_dir(ckpt_dir)
-    reader = open_checkpoint(path)
-    window = reader.set_window(max_seq_len)
-    note = reader.args.window_note  # where the window came from, when no file states it
-    tokenizer = checkpoint_tokenizer(path, tokenizer_path, reader)
+    view = peek(ckpt_dir, tokenizer_path, max_seq_len)
+    window, tokenizer = view.window, view.tokenizer
+    note = view.note  # where the window came from, when no file states it
 
     def prefix_tokens(k: Optional[int]) -> int:
         return len(tokenizer.encode(templates.self_align_prefix(name, knowledge_cutoff, k)))

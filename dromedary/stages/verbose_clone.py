@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from .. import distributed, records
-from ..engine.builder import build
-from ..engine.generation import Engine, Generation, SamplingParams, row_seed
+from ..engine.builder import build, peek
+from ..engine.generation import Engine, Generation, SamplingParams, refuse_overlong, row_seed
 from ..jobs import RecordJob, check_resume
 from ..recipe import templates, textfilters
 
@@ -96,18 +96,16 @@ def verbose_clone(
         check_resume(output, inputs, options, fingerprint, also_done=[rejected])
     if _all_done(output, rejected, inputs, overwrite):
         return
+    view = peek(ckpt_dir, tokenizer_path, max_seq_len)  # every prompt is checked before the weights load
+    # The whole answer budget is reserved: an answer cut by the window would be rejected as unfinished.
+    refuse_overlong([(r["id"], len(view.tokenizer.encode(templates.verbose_clone_prompt(
+        r["instruction"], r["input"], assistant_name, knowledge_cutoff)))) for r in inputs],
+        view.window, max_new_tokens, source=input, what="record",
+        fix="shorten or drop such records, or lower --max_new_tokens", note=view.note)
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     world = loaded.world
     engine = Engine(loaded.model, loaded.tokenizer)
-    too_long = [r["id"] for r in inputs if len(loaded.tokenizer.encode(
-        templates.verbose_clone_prompt(r["instruction"], r["input"], assistant_name, knowledge_cutoff)))
-        + max_new_tokens > engine.max_seq_len]
-    if too_long:  # the engine would shorten the whole batch's budget, changing the other answers too
-        raise ValueError(f"{input}: record {too_long[0]!r}: the verbose prompt plus --max_new_tokens {max_new_tokens} "
-                         f"exceeds the context window of {engine.max_seq_len} tokens{loaded.args.window_note} "
-                         f"({len(too_long)} record(s) in "
-                         "all); shorten or drop such records, or lower --max_new_tokens")
     # The rejected file is resumed and sharded like the output (which RecordJob handles): cleared
     # once, scanned by every rank before any rank writes, merged by rank 0 at the end.
     if rejected and overwrite and world.is_main:
