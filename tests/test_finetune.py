@@ -455,7 +455,7 @@ def test_overwrite_moves_the_adapter_and_its_checkpoints_to_a_backup(files, tmp_
     for _ in range(2):
         ft.finetune(str(data), str(out), overwrite=True, **{**args, "max_steps": 1})
     backups = sorted(tmp_path.glob("adapter.bak-*"))
-    assert len(backups) == 2 and f"moved the old checkpoints" in capsys.readouterr().err
+    assert len(backups) == 2 and "moved the old checkpoints" in capsys.readouterr().err
     assert (backups[0] / lora.WEIGHTS_FILE).read_bytes() == adapter  # the first run's adapter...
     assert [p.name for p in (backups[0] / "checkpoints").iterdir()] == ["step-0000002"]  # ...and checkpoint
     assert len(log_of(backups[0])) == 2 and len(log_of(backups[1])) == 1

@@ -13,7 +13,6 @@ broadcasts the stop flag every few tokens so that every rank leaves the generati
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import select
