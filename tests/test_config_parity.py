@@ -332,6 +332,8 @@ def test_meta_llama3_layout_equals_transformers_under_torchrun_mp2(llama3_pair, 
         "    logits = loaded.model(torch.load(sys.argv[2]))\n"
         "if loaded.world.rank == 0:\n"
         "    torch.save(logits, sys.argv[3])\n"
+        "from dromedary import distributed\n"
+        "distributed.teardown()  # both ranks leave together: a rank exiting alone aborts gloo\n"
     )
     torch.save(TOKENS, tmp_path / "tokens.pt")
     run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), script, meta, tmp_path / "tokens.pt",
