@@ -18,6 +18,17 @@ def stream(tokenizer, ids):
     return deltas, dec
 
 
+def stream_checking_prefixes(tokenizer, ids):
+    """Stream `ids`, checking after every token that what was shown is a prefix of the decode of
+    the ids so far; returns everything shown (flush included) and the decoder."""
+    dec = StreamDecoder(tokenizer)
+    shown = ""
+    for n, i in enumerate(ids, start=1):
+        shown += dec.feed(i)
+        assert tokenizer.decode(ids[:n]).startswith(shown)
+    return shown + dec.flush(), dec
+
+
 def test_encode_adds_bos_and_eos_on_request(tokenizer):
     ids = tokenizer.encode("hello there", bos=True, eos=True)
     assert ids[0] == tokenizer.bos_id == 1 and ids[-1] == tokenizer.eos_id == 2
@@ -87,12 +98,7 @@ def test_anchored_stream_of_long_text_equals_decode(tokenizer, monkeypatch, ever
             ids += tokenizer.encode(rng.choice(TEXTS), bos=False)
         else:
             ids += [rng.randrange(3, tokenizer.n_words) for _ in range(rng.randint(1, 6))]
-    dec = StreamDecoder(tokenizer)
-    shown = ""
-    for n, i in enumerate(ids, start=1):
-        shown += dec.feed(i)
-        assert tokenizer.decode(ids[:n]).startswith(shown)
-    shown += dec.flush()
+    shown, dec = stream_checking_prefixes(tokenizer, ids)
     assert shown == dec.text == tokenizer.decode(ids)
     assert dec._anchor > len(ids) // 2  # the anchor really moved along
 
@@ -380,12 +386,7 @@ def test_anchored_stream_of_long_mixed_ids_equals_decode(tok, monkeypatch, seed)
             ids += tok.encode(rng.choice(MULTIBYTE + TEXTS), bos=False)
         else:  # stray tokens, special ones included
             ids += [rng.randrange(tok.n_words) for _ in range(rng.randint(1, 4))]
-    dec = StreamDecoder(tok)
-    shown = ""
-    for n, i in enumerate(ids, start=1):
-        shown += dec.feed(i)
-        assert tok.decode(ids[:n]).startswith(shown)
-    shown += dec.flush()
+    shown, dec = stream_checking_prefixes(tok, ids)
     assert shown == tok.decode(ids)
     assert dec._anchor > len(ids) // 2
 
