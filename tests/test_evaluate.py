@@ -515,3 +515,49 @@ def test_torchrun_model_parallel_gives_the_same_figures(full_run, tmp_path):
 def test_python_m_dromedary_evaluate_help():
     proc = run(python_m() + ["evaluate", "--help"], env={"PAGER": "cat"}, check=False)
     assert proc.returncode == 0 and "--protocol=PROTOCOL" in proc.stdout + proc.stderr
+
+
+def test_dromedary_lm_rolling_and_generate(hf_model):
+    """loglikelihood_rolling equals the whole text's log-likelihood after BOS (transformers);
+    generate_until is greedy decoding cut at the harness's stop strings."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dromedary.eval.lm_eval_model import DromedaryLM
+
+    lm = DromedaryLM(ckpt_dir=str(hf_model), dtype="fp32", device="cpu", batch_size=2)
+    text = "The camel walks across the desert sand.\nWater and bread."
+    ids = [lm.tok.bos_id] + lm.tok.encode(text, bos=False)
+    ref = LlamaForCausalLM.from_pretrained(str(hf_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), -1)
+    expected = sum(float(lp[i - 1, ids[i]]) for i in range(1, len(ids)))
+    (got,) = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    assert got == pytest.approx(expected, rel=1e-5, abs=2e-4)
+    (free,) = lm.generate_until([SimpleNamespace(args=("Q: What is water?\nA:", {"until": ["zzz"], "max_gen_toks": 12}))])
+    with torch.no_grad():
+        prompt = torch.tensor([lm.tok.encode("Q: What is water?\nA:")])
+        greedy = ref.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=lm.tok.eos_id)
+    expected_text = lm.tok.decode(greedy[0, prompt.shape[1]:].tolist())
+    assert free == expected_text
+    if len(free) > 3:
+        stop = free[2:4]
+        (cut,) = lm.generate_until([SimpleNamespace(args=("Q: What is water?\nA:", {"until": [stop], "max_gen_toks": 12}))])
+        assert cut == free.split(stop)[0]
+
+
+def test_pipeline_evaluate_plans_base_and_engraved_runs(tmp_path):
+    from dromedary.stages.pipeline import _plan
+
+    o = {"ckpt_dir": None, "tokenizer_path": None, "method": "tgrt", "num_prompts": None, "sources": None,
+         "verbose_clone": False, "assistant_name": "Dromedary", "sample_question": "Hi?", "stage_flags": None,
+         "model_parallel_size": None, "dtype": None, "seed": 0, "workdir": str(tmp_path), "evaluate": True,
+         "eval_data": {"truthfulqa": "tqa.jsonl"}, "eval_protocol": "dromedary"}
+    stages, _ = _plan(o)
+    base, engraved = stages[-2:]
+    assert (base.command, base.output, engraved.output) == ("evaluate", "eval_base/", "eval_engraved/")
+    assert base.flags["protocol"] == "dromedary" and "adapter" not in base.flags
+    assert engraved.flags["adapter"] == "adapter" and engraved.flags["compare"] == "eval_base"
+    assert engraved.flags["data"] == {"truthfulqa": "tqa.jsonl"}
