@@ -219,9 +219,9 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
             **{k: v for k, v in model.items()}}
     stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
-    if o["evaluate"]:
+    if o.get("evaluate"):
         # The engraved run prints itself beside the base run (`evaluate --compare`).
-        ev = {"protocol": o["eval_protocol"], "data": o["eval_data"], **model}
+        ev = {"protocol": o.get("eval_protocol", "lm-eval"), "data": o.get("eval_data"), **model}
         stages += [
             _Stage("evaluate-base", "evaluate", "eval_base/", flags("evaluate-base", "evaluate", {"output_dir": "eval_base", **ev})),
             _Stage("evaluate-engraved", "evaluate", "eval_engraved/",
