@@ -43,7 +43,9 @@ WORDS = ("the a camel walks across desert sand water river city people think abo
 def make_model(root: Path, dim: int, layers: int, vocab: int) -> Path:
     import sentencepiece as spm
 
-    texts = [templates.self_align_prefix(templates.internal_codename()), protocols.QA_PRIMER]
+    # The judge prompt's words too: LLaMA's vocabulary has "True", "False", "A", "B" as pieces.
+    texts = [templates.self_align_prefix(templates.internal_codename()), protocols.QA_PRIMER,
+             json.dumps(protocols.judge_text())] + ["True\nFalse\nA\nB"] * 50
     rng = random.Random(0)
     texts += [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)]
     spm.SentencePieceTrainer.train(
@@ -96,12 +98,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2000)
-    ap.add_argument("--items", type=int, default=8, help="TruthfulQA-shaped items")
-    ap.add_argument("--judge_items", type=int, default=2, help="items for the dromedary protocol")
+    ap.add_argument("--items", type=int, default=16, help="TruthfulQA-shaped items")
+    ap.add_argument("--judge_items", type=int, default=6, help="items for the dromedary protocol")
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max_exemplars", type=int, default=3, help="self-align exemplars (sets the shared prompt's length)")
+    ap.add_argument("--prompt_tokens", type=int, default=2500,
+                    help="the dromedary protocol's shared prompt: the fewest exemplars that reach this many tokens")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from lm_eval.models.huggingface import HFLM
@@ -114,7 +117,10 @@ def main() -> None:
         scorer = Scorer(Engine(loaded.model, loaded.tokenizer, prepack=False), a.batch_size)
         hf = HFLM(pretrained=LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(),
                   tokenizer=AutoTokenizer.from_pretrained(str(path)), batch_size=a.batch_size, device="cpu")
-        judge = protocols.JudgePrompt(engraved=False, assistant_name="Dromedary", system="", max_exemplars=a.max_exemplars)
+        total = len(templates.load_exemplars(templates.internal_codename()))
+        k = next((k for k in range(1, total + 1) if len(loaded.tokenizer.encode(templates.self_align_prefix(
+            templates.internal_codename(), max_exemplars=k))) >= a.prompt_tokens), total)
+        judge = protocols.JudgePrompt(engraved=False, assistant_name="Dromedary", system="", max_exemplars=k)
         shapes = [
             ("truthfulqa (lm-eval protocol)", items(a.items, a.candidates, "truthfulqa_mc2"), "lm-eval",
              protocols.QA_PRIMER, 3.0),
