@@ -371,28 +371,84 @@ class Engine:
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], targets: Sequence[str], *, max_batch_size: int = 8) -> list[float]:
-        """Summed log-probability of each target's tokens after its prompt (multiple choice)."""
+        """Summed log-probability of each target's tokens after its prompt (multiple choice).
+
+        Prompt and target are tokenised together and only the target's tokens are scored, as
+        lm-evaluation-harness does (`encode_pair`): a target tokenised alone would gain a
+        word-start token that the joined text does not have."""
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        scores: list[float] = []
-        for start in range(0, len(prompts), max_batch_size):
-            rows, spans = [], []
-            for p, t in zip(prompts[start : start + max_batch_size], targets[start : start + max_batch_size]):
-                pi, ti = self.tok.encode(p), self.tok.encode(t, bos=False)
-                if not ti:
-                    raise ValueError(f"target {t!r} has no tokens")
-                rows.append((pi + ti)[-self.max_seq_len :])
-                spans.append(min(len(ti), len(rows[-1]) - 1))
-            width = max(len(r) for r in rows)
-            tokens = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-            for i, r in enumerate(rows):
-                tokens[i, : len(r)] = torch.tensor(r, device=self.device)
-            logprobs = torch.log_softmax(self.model(tokens).float()[..., : self.n_words], dim=-1)
-            for i, (r, n) in enumerate(zip(rows, spans)):
-                target = torch.tensor(r[len(r) - n :], device=self.device)
-                picked = logprobs[i, len(r) - n - 1 : len(r) - 1].gather(-1, target[:, None])
-                scores.append(float(picked.sum()))
-        return scores
+        rows = []
+        for p, t in zip(prompts, targets):
+            context, continuation = encode_pair(self.tok, p, t)
+            rows.append((context + continuation, len(continuation)))
+        return [s for s, _ in self.score_tokens(rows, max_batch_size=max_batch_size)]
+
+    @torch.inference_mode()
+    def score_tokens(self, rows: Sequence[tuple[Sequence[int], int]], *,
+                     max_batch_size: int = 8) -> list[tuple[float, bool]]:
+        """(summed log-probability, whether greedy decoding picks every one of them) of the last
+        `n` tokens of each row (tokens, n), over the model's whole vocabulary.
+
+        Rows that begin with the cached prefix (`cache_prefix`) attend to its keys and values
+        instead of recomputing them. The tokens fed are a row minus its last token, so rows that
+        differ only in their last token (one-token choices after one context) share a pass. A row
+        longer than the window keeps its last tokens, as lm-evaluation-harness does."""
+        prefix = self._prefix
+        p_len = len(prefix.tokens) if prefix is not None else 0
+        fed: dict[tuple[int, ...], int] = {}
+        plan = []  # per row: (index into fed, n, the scored tokens)
+        for i, (row, n) in enumerate(rows):
+            row = list(row)[-(self.max_seq_len + 1):]
+            if not 1 <= n < len(row):
+                raise ValueError(f"row {i}: cannot score {n} of its {len(row)} tokens (at least one token must come first)")
+            plan.append((fed.setdefault(tuple(row[:-1]), len(fed)), n, row[-n:]))
+        longest = [0] * len(fed)  # most positions read from each fed sequence
+        for j, n, _ in plan:
+            longest[j] = max(longest[j], n)
+        seqs = list(fed)
+        shared = [prefix is not None and len(s) - longest[j] >= p_len and s[:p_len] == prefix.tokens
+                  for j, s in enumerate(seqs)]
+        # Per fed sequence: log-probabilities (n_max, vocab) of its last n_max positions.
+        logprobs: list[Optional[torch.Tensor]] = [None] * len(seqs)
+        for use_prefix in (True, False):
+            group = sorted((j for j in range(len(seqs)) if shared[j] == use_prefix), key=lambda j: -len(seqs[j]))
+            skip = p_len if use_prefix else 0
+            for start in range(0, len(group), max_batch_size):
+                batch = group[start : start + max_batch_size]
+                own = [seqs[j][skip:] for j in batch]
+                width = max(len(s) for s in own)
+                tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
+                for b, s in enumerate(own):
+                    tokens[b, : len(s)] = torch.tensor(s, device=self.device)
+                if use_prefix:
+                    cache = KVCache.allocate(self.model, len(batch), width, device=self.device, dtype=self.dtype)
+                    cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+                    positions = p_len + torch.arange(width, device=self.device)[None].expand(len(batch), width)
+                    logits = self.model(tokens, positions, cache)  # (B, width, vocab)
+                else:
+                    logits = self.model(tokens)
+                for b, (j, s) in enumerate(zip(batch, own)):
+                    logprobs[j] = torch.log_softmax(logits[b, len(s) - longest[j] : len(s)].float(), dim=-1)
+        results = []
+        for j, n, target in plan:
+            lp = logprobs[j][-n:]  # type: ignore[index]  # (n, vocab): position t predicts target[t]
+            ids = torch.tensor(target, device=lp.device)
+            results.append((float(lp.gather(-1, ids[:, None]).sum()), bool((lp.argmax(-1) == ids).all())))
+        return results
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and of its continuation, by lm-evaluation-harness's rule: trailing
+    whitespace of the context moves to the continuation, the two are tokenised together, and the
+    continuation's ids are what follows the context's own ids. An empty context is BOS alone."""
+    if not context:
+        return [tok.bos_id], tok.encode(continuation, bos=False)
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = tok.encode(stripped + continuation)
+    head = tok.encode(stripped)
+    return head, whole[len(head):]
 
 
 def refuse_overlong(counts: Sequence[tuple[str, int]], window: int, reserve: int, *, source: str, what: str,

@@ -77,6 +77,9 @@ def pipeline(
     dtype: Optional[str] = None,
     seed: int = 0,
     max_seq_len: Optional[int] = None,
+    evaluate: bool = False,
+    eval_data: Optional[dict] = None,
+    eval_protocol: str = "lm-eval",
 ) -> None:
     """Run the whole recipe into WORKDIR: prompts, self-align, curate, finetune (principle engraving),
     optionally verbose-clone and a second finetune, and one sample chat turn; then print a table.
@@ -108,6 +111,9 @@ def pipeline(
       dtype: fp32, bf16 or fp16 for the model-running stages (finetune refuses fp16). Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: passed to every stage.
       max_seq_len: context window for the generating stages (generate-prompts, self-align, verbose-clone, chat); finetune sizes its own from its length flags. Default: the checkpoint's.
+      evaluate: at the end, evaluate the base model (eval_base/) and the engraved one (eval_engraved/) with `dromedary evaluate` and print both side by side.
+      eval_data: the benchmarks for --evaluate, as `dromedary evaluate --data` takes them, e.g. '{"truthfulqa": PATH, "hhh": PATH}'. Default: the hub names (needs the network).
+      eval_protocol: lm-eval or dromedary, as `dromedary evaluate --protocol`.
     """
     stages, key = _plan(locals())
     work = Path(workdir)
@@ -169,7 +175,8 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     if (o["method"] == "import") != bool(o["sources"]):
         raise ValueError("--sources goes with --method import (and --method import needs --sources)")
     extra = _json_literals(o["stage_flags"] or {})
-    names = {"generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"}
+    names = {"generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat",
+             "evaluate-base", "evaluate-engraved"}
     if not isinstance(extra, dict) or set(extra) - names or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"--stage_flags must be a JSON object {{stage: {{flag: value}}}} with stages among "
                          f"{', '.join(sorted(names))}")
@@ -217,6 +224,15 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
             **{k: v for k, v in model.items()}, **window}
     stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
+    if o.get("evaluate"):
+        # The engraved run prints itself beside the base run (`evaluate --compare`).
+        ev = {"protocol": o.get("eval_protocol", "lm-eval"), "data": o.get("eval_data"), **model}
+        stages += [
+            _Stage("evaluate-base", "evaluate", "eval_base/", flags("evaluate-base", "evaluate", {"output_dir": "eval_base", **ev})),
+            _Stage("evaluate-engraved", "evaluate", "eval_engraved/",
+                   flags("evaluate-engraved", "evaluate", {"output_dir": "eval_engraved", "adapter": final_adapter,
+                                                            "assistant_name": name, "compare": "eval_base", **ev})),
+        ]
     for stage in stages:
         stage.flags = {k: v for k, v in stage.flags.items() if v is not None}
     # What must not change between the runs that share a work directory (--verbose_clone may be
@@ -249,7 +265,7 @@ def _json_literals(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-_PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter")
+_PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter", "compare")
 
 
 def _afresh_if_inputs_changed(stage: _Stage, earlier: list[_Stage], rerun_from: str) -> _Stage:
