@@ -99,15 +99,18 @@ def test_greedy_generation_matches_hf(pair, tokenizer, prompts):
 
 
 def test_score_is_hf_log_probability_of_the_target(pair, tokenizer):
+    # Multiple-choice targets start with a space; the target's tokens are those of the joined text
+    # after the prompt's own tokens (lm-evaluation-harness's rule).
     ours, hf, _ = pair
     prompts = ["The camel walks", "Hello there", "Good"]
-    targets = ["across the desert", "friend", "answer 日本"]
+    targets = [" across the desert", " friend", " answer 日本"]
     scores = Engine(ours.model, tokenizer).score(prompts, targets, max_batch_size=2)
     for p, t, s in zip(prompts, targets, scores):
-        pi, ti = tokenizer.encode(p), tokenizer.encode(t, bos=False)
+        pi, whole = tokenizer.encode(p), tokenizer.encode(p + t)
+        assert whole[: len(pi)] == pi and len(whole) > len(pi)
         with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.tensor([pi + ti])).logits[0].double(), dim=-1)
-        expected = sum(float(logp[len(pi) + j - 1, tok]) for j, tok in enumerate(ti))
+            logp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].double(), dim=-1)
+        expected = sum(float(logp[j - 1, whole[j]]) for j in range(len(pi), len(whole)))
         assert s == pytest.approx(expected, abs=1e-3)
 
 
