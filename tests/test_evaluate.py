@@ -441,6 +441,17 @@ def test_dromedary_protocol_prefix_cache_equals_plain_scoring(hf_model, layouts,
 # ------------------------------------------------------------------------------------ runs
 
 
+def _rounded(value):
+    """`value` with every float to 5 significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 @pytest.fixture(scope="module")
 def full_run(hf_model, layouts, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
@@ -461,8 +472,10 @@ def test_resume_after_a_kill_gives_the_same_records(full_run, tmp_path, capsys):
     resumed = [str(part) if a == out else a for a in args]
     assert main(resumed) == 0
     assert "3 of 11 records already done; resuming 8" in capsys.readouterr().err
-    assert read_jsonl(part / "items.jsonl") == read_jsonl(out / "items.jsonl")
-    assert json.loads((part / "results.json").read_text()) == json.loads((out / "results.json").read_text())
+    # The same records; log-likelihoods up to fp32 rounding (the resumed items share batches with
+    # other neighbours, so their padded lengths differ).
+    assert _rounded(read_jsonl(part / "items.jsonl")) == _rounded(read_jsonl(out / "items.jsonl"))
+    assert _rounded(json.loads((part / "results.json").read_text())) == _rounded(json.loads((out / "results.json").read_text()))
     assert main(resumed) == 0  # finished: nothing to do, the table again
     assert "nothing to do" in capsys.readouterr().err
 
