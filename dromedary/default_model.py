@@ -34,14 +34,20 @@ TRAIN = {"steps": 200, "batch": 8, "seq_len": 384, "lr": 3e-3, "warmup": 15, "se
 VIEW_REPEATS = 6
 
 
+# Folders of prompts/ the model is not trained on: texts that judge or score the assistant rather
+# than prompt it. Adding a file to them leaves the default model (and its cache key) as it is.
+OUTSIDE_CORPUS = frozenset({"evaluation"})
+
+
 def corpus_texts() -> list[str]:
     """The training documents, in a fixed order, all derived from prompts/.
 
     First the views the stages will ask this model to continue, repeated so that a minute of
     training learns them: each exemplar conversation as it appears in the self-align prompt
     (user turn, internal thoughts opening with the self-identification sentence, answer) and in
-    the chat format that finetune and chat use. Then every file of prompts/ as plain text (JSON
-    files contribute their string values, so the model sees prose rather than braces).
+    the chat format that finetune and chat use. Then every file of prompts/ outside OUTSIDE_CORPUS
+    as plain text (JSON files contribute their string values, so the model sees prose rather than
+    braces).
     """
     from .recipe import templates
 
@@ -59,7 +65,8 @@ def corpus_texts() -> list[str]:
     texts += _generation_views(templates)
     texts.append(prefix)
     root = templates.prompts_dir()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and p.relative_to(root).parts[0] not in OUTSIDE_CORPUS):
         raw = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix in (".json", ".jsonl"):
             texts.extend(_strings(raw))

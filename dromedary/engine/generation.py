@@ -388,7 +388,8 @@ class Engine:
     def score_tokens(self, rows: Sequence[tuple[Sequence[int], int]], *,
                      max_batch_size: int = 8) -> list[tuple[float, bool]]:
         """(summed log-probability, whether greedy decoding picks every one of them) of the last
-        `n` tokens of each row (tokens, n), over the model's whole vocabulary.
+        `n` tokens of each row (tokens, n), over the model's whole vocabulary (as lm-evaluation-harness
+        does, so figures compare: the tokenizer may have fewer words than the checkpoint has rows).
 
         Rows that begin with the cached prefix (`cache_prefix`) attend to its keys and values
         instead of recomputing them. The tokens fed are a row minus its last token, so rows that
