@@ -407,6 +407,39 @@ def test_engine_score_tokenises_context_and_target_together(hf_model):
     assert engine.score([context], [target])[0] == pytest.approx(expected, abs=1e-4)
 
 
+def test_rows_sharing_a_run_after_the_prefix_score_as_each_row_alone(hf_model):
+    """Candidates of one question compute the question once (a block copied into their cache
+    slots); rows whose scored tokens reach into that run, rows off the prefix and one-token
+    endings sharing a pass all score as plain full passes of the reference do."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dromedary.engine.builder import build
+    from dromedary.engine.generation import Engine
+
+    loaded = build(str(hf_model), model_parallel_size=1, dtype="fp32", device="cpu")
+    engine = Engine(loaded.model, loaded.tokenizer, prepack=False)
+    ref = LlamaForCausalLM.from_pretrained(str(hf_model), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    word = lambda k: [int(t) for t in torch.randint(3, 300, (k,), generator=g)]  # noqa: E731
+    primer = [loaded.tokenizer.bos_id] + word(40)
+    rows = []
+    for question in (word(12), word(9), word(2)):  # the last run is too short to share
+        for _ in range(5):
+            ending = word(int(torch.randint(1, 6, (1,), generator=g)))
+            rows.append((primer + question + ending, len(ending)))
+    rows.append((primer + rows[0][0][41:47] + word(3), 9))  # scores into the first question's run
+    rows.append((rows[1][0][:-1] + word(1), 1))  # differs from row 1 only in its last token
+    rows.append(([loaded.tokenizer.bos_id] + word(20), 4))  # does not start with the primer
+    engine.cache_prefix(primer)
+    got = engine.score_tokens(rows, max_batch_size=4)
+    for (tokens, n), (score, _) in zip(rows, got):
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(torch.tensor([tokens])).logits[0].float(), -1)
+        expected = sum(float(lp[i - 1, tokens[i]]) for i in range(len(tokens) - n, len(tokens)))
+        assert score == pytest.approx(expected, abs=2e-4)
+
+
 # ------------------------------------------------------------------------------------ dromedary protocol
 
 

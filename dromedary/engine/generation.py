@@ -33,6 +33,8 @@ FinishReason = Literal["eos", "stop", "length"]
 
 # A shared prefix shorter than this is not worth a separate cache block.
 MIN_PREFIX_TOKENS = 16
+# Scoring: tokens a batch of rows must share after the cached prefix to compute them once.
+MIN_SHARED_RUN = 4
 
 
 @dataclass
@@ -392,9 +394,11 @@ class Engine:
         does, so figures compare: the tokenizer may have fewer words than the checkpoint has rows).
 
         Rows that begin with the cached prefix (`cache_prefix`) attend to its keys and values
-        instead of recomputing them. The tokens fed are a row minus its last token, so rows that
-        differ only in their last token (one-token choices after one context) share a pass. A row
-        longer than the window keeps its last tokens, as lm-evaluation-harness does."""
+        instead of recomputing them, and rows that go on sharing tokens after it (the candidates of
+        one question) compute those once per batch: see `_score_batch`. The tokens fed are a row
+        minus its last token, so rows that differ only in their last token (one-token choices after
+        one context) share a pass. A row longer than the window keeps its last tokens, as
+        lm-evaluation-harness does."""
         prefix = self._prefix
         p_len = len(prefix.tokens) if prefix is not None else 0
         fed: dict[tuple[int, ...], int] = {}
@@ -408,29 +412,18 @@ class Engine:
         for j, n, _ in plan:
             longest[j] = max(longest[j], n)
         seqs = list(fed)
-        shared = [prefix is not None and len(s) - longest[j] >= p_len and s[:p_len] == prefix.tokens
-                  for j, s in enumerate(seqs)]
+        # Tokens of each fed sequence that no position read from it needs: those may come from a
+        # cache (the shared prefix, a block shared with its batch).
+        free = [len(s) - longest[j] for j, s in enumerate(seqs)]
+        shared = [prefix is not None and free[j] >= p_len and s[:p_len] == prefix.tokens for j, s in enumerate(seqs)]
         # Per fed sequence: log-probabilities (n_max, vocab) of its last n_max positions.
         logprobs: list[Optional[torch.Tensor]] = [None] * len(seqs)
-        for use_prefix in (True, False):
-            group = sorted((j for j in range(len(seqs)) if shared[j] == use_prefix), key=lambda j: -len(seqs[j]))
-            skip = p_len if use_prefix else 0
-            for start in range(0, len(group), max_batch_size):
-                batch = group[start : start + max_batch_size]
-                own = [seqs[j][skip:] for j in batch]
-                width = max(len(s) for s in own)
-                tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
-                for b, s in enumerate(own):
-                    tokens[b, : len(s)] = torch.tensor(s, device=self.device)
-                if use_prefix:
-                    cache = KVCache.allocate(self.model, len(batch), width, device=self.device, dtype=self.dtype)
-                    cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
-                    positions = p_len + torch.arange(width, device=self.device)[None].expand(len(batch), width)
-                    logits = self.model(tokens, positions, cache)  # (B, width, vocab)
-                else:
-                    logits = self.model(tokens)
-                for b, (j, s) in enumerate(zip(batch, own)):
-                    logprobs[j] = torch.log_softmax(logits[b, len(s) - longest[j] : len(s)].float(), dim=-1)
+        on_prefix = sorted((j for j in range(len(seqs)) if shared[j]), key=lambda j: seqs[j])
+        for batch in _batches_by_common_start(on_prefix, seqs, free, p_len, max_batch_size):
+            self._score_batch(batch, seqs, longest, free, prefix, logprobs)
+        alone = sorted((j for j in range(len(seqs)) if not shared[j]), key=lambda j: -len(seqs[j]))
+        for start in range(0, len(alone), max_batch_size):
+            self._score_batch(alone[start : start + max_batch_size], seqs, longest, free, None, logprobs)
         results = []
         for j, n, target in plan:
             lp = logprobs[j][-n:]  # type: ignore[index]  # (n, vocab): position t predicts target[t]
@@ -438,17 +431,80 @@ class Engine:
             results.append((float(lp.gather(-1, ids[:, None]).sum()), bool((lp.argmax(-1) == ids).all())))
         return results
 
+    def _score_batch(self, batch: list[int], seqs, longest, free, prefix: Optional[_Prefix], logprobs) -> None:
+        """One forward pass over the fed sequences `batch`. With `prefix`, every one starts with
+        its tokens, attends to its cached keys and values, and the tokens the batch has in common
+        after it (`common`, a question its candidates share) run once as a single row whose keys
+        and values are then copied into each row's first cache slots."""
+        p_len = len(prefix.tokens) if prefix is not None else 0
+        common = 0
+        if prefix is not None and len(batch) > 1:
+            first, limit = seqs[batch[0]], min(free[j] for j in batch)
+            common = p_len
+            while common < limit and all(seqs[j][common] == first[common] for j in batch):
+                common += 1
+            common -= p_len
+            if common < MIN_SHARED_RUN:
+                common = 0  # too short to be worth its own pass
+        skip = p_len + common
+        own = [seqs[j][skip:] for j in batch]
+        width = max(len(s) for s in own)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
+        for b, s in enumerate(own):
+            tokens[b, : len(s)] = torch.tensor(s, device=self.device)
+        if prefix is None:
+            logits = self.model(tokens)  # (B, width, vocab)
+        else:
+            cache = KVCache.allocate(self.model, len(batch), common + width, device=self.device, dtype=self.dtype)
+            cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+            if common:
+                block = KVCache.allocate(self.model, 1, common, device=self.device, dtype=self.dtype)
+                block.prefix_k, block.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
+                run = torch.tensor([seqs[batch[0]][p_len:skip]], device=self.device)
+                self.model(run, p_len + torch.arange(common, device=self.device)[None], block,
+                           output_index=torch.tensor([common - 1], device=self.device))
+                for rows_kv, block_kv in zip(cache.k + cache.v, block.k + block.v):
+                    rows_kv[:, :, :common] = block_kv  # (B, kvh, common, D) <- (1, kvh, common, D)
+            positions = skip + torch.arange(width, device=self.device)[None].expand(len(batch), width)
+            logits = self.model(tokens, positions, cache)  # (B, width, vocab)
+        for b, (j, s) in enumerate(zip(batch, own)):
+            logprobs[j] = torch.log_softmax(logits[b, len(s) - longest[j] : len(s)].float(), dim=-1)
 
-def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+
+
+def _batches_by_common_start(order: list[int], seqs, free, p_len: int, size: int) -> list[list[int]]:
+    """Batches of at most `size` of the fed sequences `order` (sorted by their tokens), cut where
+    a batch would lose the run of tokens its members share after the cached prefix (an item's
+    candidates stay together); the short remainders are batched together by length."""
+    n = p_len + MIN_SHARED_RUN
+    groups: list[list[int]] = []
+    for j in order:
+        group = groups[-1] if groups else None
+        if (group is not None and len(group) < size and free[j] >= n and free[group[0]] >= n
+                and seqs[group[0]][p_len:n] == seqs[j][p_len:n]):
+            group.append(j)
+        else:
+            groups.append([j])
+    singles = sorted((g[0] for g in groups if len(g) == 1), key=lambda j: -len(seqs[j]))
+    return [g for g in groups if len(g) > 1] + [singles[i : i + size] for i in range(0, len(singles), size)]
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str,
+                heads: Optional[dict[str, list[int]]] = None) -> tuple[list[int], list[int]]:
     """Token ids of a context and of its continuation, by lm-evaluation-harness's rule: trailing
     whitespace of the context moves to the continuation, the two are tokenised together, and the
-    continuation's ids are what follows the context's own ids. An empty context is BOS alone."""
+    continuation's ids are what follows the context's own ids. An empty context is BOS alone.
+    `heads` memoises the contexts' own ids (a 2.5k-token context scored with several endings)."""
     if not context:
         return [tok.bos_id], tok.encode(continuation, bos=False)
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
     whole = tok.encode(stripped + continuation)
-    head = tok.encode(stripped)
+    head = heads.get(stripped) if heads is not None else None
+    if head is None:
+        head = tok.encode(stripped)
+        if heads is not None:
+            heads[stripped] = head
     return head, whole[len(head):]
 
 

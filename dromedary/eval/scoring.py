@@ -17,6 +17,10 @@ from ..engine.generation import Engine, encode_pair
 class Scorer:
     def __init__(self, engine: Engine, max_batch_size: int = 8):
         self.engine, self.max_batch_size = engine, max_batch_size
+        self._heads: dict[str, list[int]] = {}  # context -> its ids, for the pairs of one call
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        return encode_pair(self.engine.tok, context, continuation, self._heads)
 
     def share(self, text: Optional[str], sample: Sequence[tuple[str, str]]) -> int:
         """Cache the tokens every pair in SAMPLE starts with, at most those of TEXT (the context
@@ -25,7 +29,7 @@ class Scorer:
             return 0
         shared = self.engine.tok.encode(text)
         for context, continuation in sample:
-            head, tail = encode_pair(self.engine.tok, context, continuation)
+            head, tail = self._pair(context, continuation)
             row = head + tail
             n = 0
             # The row keeps at least its last context token, whose logits score the continuation.
@@ -39,8 +43,9 @@ class Scorer:
     def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         rows = []
         for context, continuation in pairs:
-            head, tail = encode_pair(self.engine.tok, context, continuation)
+            head, tail = self._pair(context, continuation)
             if not tail:
                 raise ValueError(f"the continuation {continuation!r} adds no tokens to its context")
             rows.append((head + tail, len(tail)))
+        self._heads.clear()  # contexts repeat within a call (an item's endings), rarely across calls
         return self.engine.score_tokens(rows, max_batch_size=self.max_batch_size)
