@@ -26,7 +26,8 @@ from dromedary.errors import UserError
 from helpers_ckpt import LLAMA1, read_jsonl, write_checkpoint, write_jsonl
 
 # vLLM's CPU attention wants head sizes it has kernels for: 128 / 2 heads = 64. One KV head (GQA).
-VLLM_ARGS = replace(LLAMA1, dim=128, n_heads=2, n_kv_heads=1)
+# A window that holds the self-align prompt with one exemplar (about 3.2k tokens of the test tokenizer).
+VLLM_ARGS = replace(LLAMA1, dim=128, n_heads=2, n_kv_heads=1, max_seq_len=4096)
 # No torch.compile warm-up (about 30 s on two cores): eager mode computes the same model.
 FAST = json.dumps({"enforce_eager": True})
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "A", "Which way to the station?"]
@@ -143,6 +144,24 @@ def test_generate_stage_writes_the_same_records(engines, hf_ckpt, tmp_path):
     assert read_jsonl(tmp_path / "vllm.jsonl") == read_jsonl(tmp_path / "our.jsonl")
     runs = json.loads((tmp_path / "vllm.jsonl.provenance.json").read_text())
     assert [r["options"]["backend"] for r in runs] == ["vllm"]
+
+
+@pytest.mark.vllm
+def test_self_align_writes_the_same_records_and_resumes_across_backends(engines, hf_ckpt, tmp_path):
+    """The 3k-token shared prompt goes through vLLM's prefix cache instead of ours; a run begun on
+    one backend resumes on the other (backend, like dtype, does not change what is written)."""
+    from dromedary.stages.self_align import self_align
+
+    rows = [{"id": f"p{i}", "instruction": q, "input": "", "source": "test"}
+            for i, q in enumerate(["What is a camel?", "Tell me a story.", "Which river is longest?"])]
+    flags = dict(ckpt_dir=str(hf_ckpt), dtype="fp32", max_exemplars=1, max_new_tokens=16, max_batch_size=2, seed=1)
+    self_align(str(write_jsonl(tmp_path / "all.jsonl", rows)), str(tmp_path / "our.jsonl"), backend="our", **flags)
+    self_align(str(write_jsonl(tmp_path / "head.jsonl", rows[:1])), str(tmp_path / "mixed.jsonl"), backend="our",
+               **flags)
+    self_align(str(write_jsonl(tmp_path / "all2.jsonl", rows)), str(tmp_path / "mixed.jsonl"), backend="vllm",
+               **flags)
+    ours, mixed = read_jsonl(tmp_path / "our.jsonl"), read_jsonl(tmp_path / "mixed.jsonl")
+    assert mixed == ours and all(r["generation"] for r in ours)
 
 
 @pytest.mark.vllm
