@@ -165,6 +165,19 @@ def test_self_align_writes_the_same_records_and_resumes_across_backends(engines,
 
 
 @pytest.mark.vllm
+def test_generate_prompts_writes_the_same_prompts(engines, hf_ckpt, tmp_path):
+    from dromedary.stages.generate_prompts import generate_prompts
+
+    for backend in ("our", "vllm"):
+        generate_prompts("self-instruct", str(tmp_path / f"{backend}.jsonl"), num_prompts=4, max_rounds=1,
+                         include_seeds=True, ckpt_dir=str(hf_ckpt), dtype="fp32", backend=backend, seed=2,
+                         max_batch_size=2)
+    assert read_jsonl(tmp_path / "vllm.jsonl") == read_jsonl(tmp_path / "our.jsonl")
+    state = {b: json.loads((tmp_path / f"{b}.jsonl.state.json").read_text()) for b in ("our", "vllm")}
+    assert state["vllm"] == state["our"]
+
+
+@pytest.mark.vllm
 def test_an_adapter_is_served_as_our_engine_applies_it(engines, hf_ckpt, tmp_path):
     from dromedary.llama import lora
 
