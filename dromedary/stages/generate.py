@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build, peek
-from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
+from ..engine.backends import Backend, check_backend, open_engine
+from ..engine.builder import peek
+from ..engine.generation import SamplingParams, refuse_overlong, row_seed
 from ..jobs import RecordJob, already_done
 
 
@@ -17,6 +18,7 @@ def generate(
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    backend: Backend = "our",
     max_new_tokens: int = 256,
     min_new_tokens: int = 0,
     temperature: float = 0.0,
@@ -41,6 +43,7 @@ def generate(
       tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load (from `dromedary finetune`).
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
+      backend: our (this package's engine, under torchrun) or vllm (one process; vLLM's tensor parallelism over MODEL_PARALLEL_SIZE GPUs; needs pip install 'dromedary[vllm]'). Same records, stops and seeded sampling.
       max_new_tokens: most tokens to generate per record.
       min_new_tokens: end-of-sequence is not allowed before this many tokens.
       temperature: sampling temperature; 0 means greedy decoding.
@@ -58,6 +61,7 @@ def generate(
     params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, stop=tuple(str(s) for s in stops))
     params.check()
+    check_backend(backend)
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
@@ -70,9 +74,8 @@ def generate(
                     source=input, what="record",
                     fix="shorten or drop such records, or give a larger --max_seq_len if the model supports it",
                     note=view.note)
-    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
-                   seed=seed, dtype=dtype, max_seq_len=max_seq_len)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    loaded, engine = open_engine(backend, ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter,
+                                 model_parallel_size=model_parallel_size, seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="generate") as job:
         for batch in job.batches(max_batch_size):

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, get_args
 from tqdm import tqdm
 
 from .. import distributed, records
+from ..engine.backends import Backend, check_backend, open_engine
 from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
 from ..errors import UserError
 from ..jobs import model_settings
@@ -64,6 +65,7 @@ def generate_prompts(
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    backend: Backend = "our",
     max_batch_size: int = 8,
     max_seq_len: Optional[int] = None,
     dtype: Optional[str] = None,
@@ -107,6 +109,7 @@ def generate_prompts(
       tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load.
       model_parallel_size: processes sharing one model copy. Default: the whole world.
+      backend: our (this package's engine, under torchrun) or vllm (one process; vLLM's tensor parallelism over MODEL_PARALLEL_SIZE GPUs; needs pip install 'dromedary[vllm]'). Same stops and seeded sampling.
       max_batch_size: requests generated together. A round asks for what is missing at the yield seen so far, at most MAX_BATCH_SIZE requests per question type (tgrt) or 8 x MAX_BATCH_SIZE requests (self-instruct).
       max_seq_len: context window. Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
@@ -117,7 +120,9 @@ def generate_prompts(
     if method == "import":
         _import(options)
         return
-    world = distributed.setup(model_parallel_size)
+    check_backend(backend)
+    # Under vLLM this process is a world of one; vLLM's workers hold the model's shards.
+    world = distributed.setup(model_parallel_size) if backend == "our" else distributed.setup(1, "cpu")
     # Rank 0 validates the output and rebuilds the state before any model work; the other ranks
     # learn the outcome, a bad output included, from one broadcast.
     start, summary = None, None
@@ -139,12 +144,11 @@ def generate_prompts(
                 print(f"{output}: wrote {start.written} seed records", file=sys.stderr)
                 records.write_provenance(output, command=sys.argv, options=options, model=None)
         return
-    from ..engine.builder import build, peek
+    from ..engine.builder import peek
 
     _check_context(options, peek(ckpt_dir, tokenizer_path, max_seq_len))
-    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
-                   seed=seed, dtype=dtype, max_seq_len=max_seq_len)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    loaded, engine = open_engine(backend, ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter,
+                                 model_parallel_size=model_parallel_size, seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     run = start or _Run.follower(options, summary)
     run.generate(engine, world, loaded.name)
 

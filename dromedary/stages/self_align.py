@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import records
-from ..engine.builder import build, peek
-from ..engine.generation import Engine, SamplingParams, row_seed
+from ..engine.backends import Backend, check_backend, open_engine
+from ..engine.builder import peek
+from ..engine.generation import SamplingParams, row_seed
 from ..jobs import RecordJob, already_done
 from ..recipe import templates
 
@@ -25,6 +26,7 @@ def self_align(
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    backend: Backend = "our",
     assistant_name: Optional[str] = None,
     knowledge_cutoff: str = templates.DEFAULT_KNOWLEDGE_CUTOFF,
     max_exemplars: Optional[int] = None,
@@ -52,6 +54,7 @@ def self_align(
       tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: PEFT LoRA adapter directory to apply on load.
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
+      backend: our (this package's engine, under torchrun) or vllm (one process; vLLM's tensor parallelism over MODEL_PARALLEL_SIZE GPUs; needs pip install 'dromedary[vllm]'). Same records, stops and seeded sampling.
       assistant_name: the assistant's name inside the prompt. Default: the internal codename of prompts/self_align.json, which `curate` renames; if you change it, pass the same name to `curate --prompt_name`.
       knowledge_cutoff: the date the principles say the assistant's knowledge ends.
       max_exemplars: use only the first N in-context exemplars, for models whose context window cannot hold them all (LLaMA-1: 2048 tokens). Default: all.
@@ -69,6 +72,7 @@ def self_align(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop=tuple(templates.self_align_stop_strings(name)))
     params.check()
+    check_backend(backend)
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     if max_exemplars is not None and max_exemplars < 1:
@@ -88,9 +92,8 @@ def self_align(
                   ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                   max_new_tokens=max_new_tokens)
 
-    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
-                   seed=seed, dtype=dtype, max_seq_len=max_seq_len)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    loaded, engine = open_engine(backend, ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter,
+                                 model_parallel_size=model_parallel_size, seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="self-align", fingerprint={"prompt_version": version}) as job:
         if job.todo:

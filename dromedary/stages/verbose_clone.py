@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from .. import distributed, records
-from ..engine.builder import build, peek
-from ..engine.generation import Engine, Generation, SamplingParams, refuse_overlong, row_seed
+from ..engine.backends import Backend, check_backend, open_engine
+from ..engine.builder import peek
+from ..engine.generation import Generation, SamplingParams, refuse_overlong, row_seed
 from ..jobs import RecordJob, check_resume
 from ..recipe import templates, textfilters
 
@@ -31,6 +32,7 @@ def verbose_clone(
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    backend: Backend = "our",
     assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
     knowledge_cutoff: str = templates.DEFAULT_KNOWLEDGE_CUTOFF,
     max_new_tokens: int = 512,
@@ -63,6 +65,7 @@ def verbose_clone(
       tokenizer_path: tokenizer.json or tokenizer.model (SentencePiece or tiktoken). Default: CKPT_DIR's own.
       adapter: the principle-engraving LoRA adapter (from `dromedary finetune`). Default: none (the bare model).
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
+      backend: our (this package's engine, under torchrun) or vllm (one process; vLLM's tensor parallelism over MODEL_PARALLEL_SIZE GPUs; needs pip install 'dromedary[vllm]'). Same records, stops and seeded sampling.
       assistant_name: the assistant's name, as used in finetune.
       knowledge_cutoff: the date the system prompt says the assistant's knowledge ends.
       max_new_tokens: most tokens generated per answer.
@@ -81,6 +84,7 @@ def verbose_clone(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop=(templates.NextTurn(assistant_name),))
     params.check()
+    check_backend(backend)
     for flag, value in (("max_batch_size", max_batch_size), ("min_words", min_words),
                         ("min_repeat_words", min_repeat_words), ("leak_words", leak_words)):
         if value < 1:
@@ -102,10 +106,9 @@ def verbose_clone(
         r["instruction"], r["input"], assistant_name, knowledge_cutoff)))) for r in inputs],
         view.window, max_new_tokens, source=input, what="record",
         fix="shorten or drop such records, or lower --max_new_tokens", note=view.note)
-    loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
-                   seed=seed, dtype=dtype, max_seq_len=max_seq_len)
+    loaded, engine = open_engine(backend, ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter,
+                                 model_parallel_size=model_parallel_size, seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     world = loaded.world
-    engine = Engine(loaded.model, loaded.tokenizer)
     # The rejected file is resumed and sharded like the output (which RecordJob handles): cleared
     # once, scanned by every rank before any rank writes, merged by rank 0 at the end.
     if rejected and overwrite and world.is_main:
