@@ -1,0 +1,176 @@
+"""Continuous batching: every request's output is what it gets alone, whatever else is in flight."""
+
+import threading
+
+import pytest
+import torch
+
+from dromedary.engine.generation import Engine, SamplingParams
+from dromedary.engine.scheduler import Request, Scheduler
+
+pytestmark = pytest.mark.usefixtures("world")
+
+WORDS = "the camel walks across desert sand water river city people think about good helpful honest answer".split()
+SHARED = "Every helpful assistant should read the principle, think about the user, and answer honestly. "
+
+
+def prompts(n, seed=0, lo=2, hi=30):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)))
+    return out
+
+
+@pytest.fixture
+def engine(gqa_loaded):
+    return Engine(gqa_loaded.model, gqa_loaded.tokenizer)
+
+
+def alone(engine, request):
+    """What Engine.generate gives the request by itself (a fresh engine: no prefix kept across)."""
+    fresh = Engine(engine.model, engine.tok)
+    if engine._pinned is not None:
+        fresh.cache_prefix(list(engine._pinned.tokens))
+    return fresh.generate([request.prompt], request.params, seeds=[request.seed])[0]
+
+
+def same(gen, ref):
+    return (gen.tokens, gen.text, gen.finish_reason) == (ref.tokens, ref.text, ref.finish_reason)
+
+
+def mixed_requests(tokenizer, n=12):
+    """Budgets from 3 to 40, greedy and sampled, some with stop strings: rows finish at different
+    steps, so later requests are admitted while others decode."""
+    no_eos = {i: float("-inf") for i in tokenizer.stop_ids}
+    out = []
+    for i, p in enumerate(prompts(n, seed=1)):
+        params = SamplingParams(max_new_tokens=3 + (i * 7) % 38, temperature=(0.0, 1.0, 0.7)[i % 3],
+                                top_p=(1.0, 0.9)[i % 2], stop=(" the",) if i % 4 == 1 else (),
+                                logit_bias=no_eos if i % 2 else {})
+        out.append(Request(p, params, seed=100 + i, key=i))
+    return out
+
+
+@pytest.mark.parametrize("in_flight", [1, 3, 5])
+def test_each_request_equals_its_run_alone(engine, tokenizer, in_flight):
+    requests = mixed_requests(tokenizer)
+    done = list(Scheduler(engine, max_in_flight=in_flight).run(requests))
+    assert sorted(r.key for r in done) == list(range(len(requests)))
+    for r in requests:
+        assert same(r.result, alone(engine, r)), r.key
+    # Different budgets: the completion order is not the submission order.
+    if in_flight > 1:
+        assert [r.key for r in done] != sorted(r.key for r in done)
+
+
+def test_requests_starting_with_the_cached_prefix_attend_to_it(engine, tokenizer, monkeypatch):
+    engine.cache_prefix(SHARED)
+    pinned = engine._pinned
+    requests = [Request(SHARED + p, SamplingParams(max_new_tokens=4 + 5 * i, temperature=1.0), seed=i, key=i)
+                for i, p in enumerate(prompts(6, seed=2))]
+    requests.append(Request("No shared words here at all", SamplingParams(max_new_tokens=9), key="plain"))
+    sched = Scheduler(engine, max_in_flight=4)
+    seen = []
+    real = sched._admit
+
+    def spy(n):
+        real(n)
+        seen.extend((row.req.key, pool.prefix) for pool in sched._pools.values() for row in pool.rows)
+
+    monkeypatch.setattr(sched, "_admit", spy)
+    list(sched.run(requests))
+    assert {k: p for k, p in seen} == {**{i: pinned for i in range(6)}, "plain": None}
+    for r in requests:
+        assert same(r.result, alone(engine, r)), r.key
+
+
+def test_cancel_frees_the_slot_and_leaves_the_others_alone(engine, tokenizer):
+    no_eos = {i: float("-inf") for i in tokenizer.stop_ids}
+    long = SamplingParams(max_new_tokens=60, logit_bias=no_eos)
+    requests = [Request(p, long, key=i) for i, p in enumerate(prompts(4, seed=3))]
+    sched = Scheduler(engine, max_in_flight=2)
+    for r in requests:
+        sched.submit(r)
+    finished = []
+    for _ in range(5):
+        finished += sched.step()
+    victim = next(row.req for pool in sched._pools.values() for row in pool.rows)
+    sched.cancel(victim)
+    step = sched.step()
+    assert victim in step and victim.result.finish_reason == "cancelled"
+    assert 0 < len(victim.result.tokens) < 60
+    # Its slot went to a waiting request at once.
+    assert sched.in_flight() == 2
+    while sched.pending():
+        finished += sched.step()
+    for r in requests:
+        if r is not victim:
+            assert same(r.result, alone(engine, r)), r.key
+
+
+def test_cancel_of_a_waiting_request(engine):
+    sched = Scheduler(engine, max_in_flight=1)
+    a, b = (Request(p, SamplingParams(max_new_tokens=5)) for p in prompts(2, seed=4))
+    sched.submit(a)
+    sched.submit(b)
+    sched.cancel(b)
+    done = sched.step()
+    assert b in done and b.result.finish_reason == "cancelled" and b.result.tokens == []
+
+
+def test_streamed_text_is_a_prefix_of_the_final_text(engine, tokenizer):
+    pieces: dict[int, list[str]] = {}
+    requests = []
+    for i, p in enumerate(prompts(5, seed=5)):
+        pieces[i] = []
+        requests.append(Request(p, SamplingParams(max_new_tokens=10 + 4 * i, temperature=1.0, stop=(" a",)),
+                                seed=i, on_text=pieces[i].append, key=i))
+    list(Scheduler(engine, max_in_flight=3).run(requests))
+    for r in requests:
+        assert "".join(pieces[r.key]) == r.result.text
+
+
+def test_submit_from_another_thread_while_stepping(engine):
+    sched = Scheduler(engine, max_in_flight=2)
+    requests = [Request(p, SamplingParams(max_new_tokens=6), key=i) for i, p in enumerate(prompts(6, seed=6))]
+    sched.submit(requests[0])
+    t = threading.Thread(target=lambda: [sched.submit(r) for r in requests[1:]])
+    t.start()
+    done = []
+    while len(done) < len(requests):
+        done += sched.step()
+    t.join()
+    for r in requests:
+        assert same(r.result, alone(engine, r))
+
+
+def test_kv_budget_makes_requests_wait_not_fail(engine):
+    requests = [Request(p, SamplingParams(max_new_tokens=20), key=i) for i, p in enumerate(prompts(5, seed=7))]
+    # Every row needs at most 119 slots (prompt + 20), two rows at least 2 * 64 (slots come in 64s).
+    one_row = Scheduler(engine).slot_bytes * 127
+    sched = Scheduler(engine, max_in_flight=4, kv_budget_bytes=one_row)
+    peak = 0
+    for r in requests:
+        sched.submit(r)
+    while sched.pending():
+        sched.step()
+        peak = max(peak, sched.in_flight())
+    assert peak == 1
+    for r in requests:
+        assert same(r.result, alone(engine, r))
+    with pytest.raises(MemoryError, match="budget"):
+        small = Scheduler(engine, kv_budget_bytes=Scheduler(engine).slot_bytes * 4)
+        list(small.run([Request("the camel", SamplingParams(max_new_tokens=20))]))
+
+
+def test_bad_requests_are_refused_at_submit(engine):
+    sched = Scheduler(engine)
+    with pytest.raises(ValueError, match="empty"):
+        sched.submit(Request([], SamplingParams()))
+    with pytest.raises(ValueError, match="context window"):
+        sched.submit(Request([5] * 300, SamplingParams()))
+    with pytest.raises(ValueError, match="logprobs"):
+        sched.submit(Request("a", SamplingParams(logprobs=-1)))
+    assert sched.pending() == 0
