@@ -247,3 +247,37 @@ def test_model_parallel_ranks_run_one_schedule(ckpts, tmp_path, engine):
     list(Scheduler(engine, max_in_flight=3).run(requests))
     assert got["tokens"] == [r.result.tokens for r in requests]
     assert got["order"] != sorted(got["order"])  # rows finished out of order: slots were refilled
+
+
+def test_a_stage_writes_records_as_they_finish_and_resumes_by_id(ckpts, tmp_path, engine, tokenizer):
+    from helpers_ckpt import read_jsonl, write_jsonl
+
+    from dromedary import cli, distributed
+
+    def main(*args):
+        try:
+            return cli.main([str(a) for a in args])
+        finally:
+            distributed.setup(1, "cpu")
+
+    texts = prompts(10, seed=10)
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": p} for i, p in enumerate(texts)])
+    common = ["--ckpt_dir", ckpts["gqa_meta"], "--input", inputs, "--max_new_tokens", 24, "--max_batch_size", 3,
+              "--temperature", 0.8, "--stop", '[" the"]']
+    full = tmp_path / "full.jsonl"
+    assert main("generate", "--output", full, *common) == 0
+    got = read_jsonl(full)
+    ids = [r["id"] for r in got]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(10)) and ids != [f"r{i}" for i in range(10)]
+    # Each record is what its prompt gives alone, with its own seed.
+    from dromedary.engine.generation import row_seed
+
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, stop=(" the",))
+    for r in got:
+        assert r["completion"] == engine.generate([r["prompt"]], params, seeds=[row_seed(0, r["id"])])[0].text
+    # A run stopped after 4 records resumes with the other 6.
+    part = tmp_path / "part.jsonl"
+    assert main("generate", "--output", part, *common) == 0
+    part.write_text("".join(line + "\n" for line in part.read_text().splitlines()[:4]))
+    assert main("generate", "--output", part, *common) == 0
+    assert sorted(read_jsonl(part), key=lambda r: r["id"]) == sorted(got, key=lambda r: r["id"])
