@@ -38,7 +38,7 @@ import torch
 from .. import distributed
 from ..llama.model import KVCache
 from ..llama.tokenizer import StreamDecoder
-from .generation import (Engine, FinishReason, Generation, SamplingParams, _find_stop, _Prefix,
+from .generation import (Engine, FinishReason, Generation, SamplingParams, _available_memory, _find_stop, _Prefix,
                          stop_prefix_len)
 
 # Prompt tokens prefilled per step (all admitted rows together): long enough that a prefill pass
@@ -123,7 +123,8 @@ class Scheduler:
                  prefill_chunk: int = PREFILL_CHUNK):
         """`max_in_flight`: rows decoded together at most; `kv_budget_bytes`: the most the rows'
         KV-cache buffers may take (the shared prefixes are the engine's and not counted); a request
-        waits while admitting it would pass the budget."""
+        waits while admitting it would pass the budget. Default: half the memory free on the
+        weights' device when the scheduler starts."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         if kv_budget_bytes is not None and kv_budget_bytes <= 0:
@@ -132,7 +133,7 @@ class Scheduler:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.engine = engine
         self.max_in_flight = max_in_flight
-        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else _free_memory_half(engine.device)
         self.prefill_chunk = prefill_chunk
         model = engine.model
         attention = model.layers[0].attention
@@ -248,6 +249,12 @@ class Scheduler:
     def _admit(self, n_admit: int) -> None:
         eng = self.engine
         checked = False
+        # Slots the rows about to be admitted need at most (their prompts counted whole): the pool
+        # is sized for all of them at once rather than regrown row by row.
+        with self._lock:
+            upcoming = list(itertools.islice(self._waiting, max(0, min(n_admit, self.max_in_flight - self.in_flight()))))
+        hint = max((len(r._ids) + min(r.params.max_new_tokens, eng.max_seq_len - len(r._ids)) for r in upcoming),
+                   default=0)
         while n_admit > 0 and self.in_flight() < self.max_in_flight:
             with self._lock:
                 if not self._waiting:
@@ -266,7 +273,7 @@ class Scheduler:
             pool = self._pools.get(id(prefix) if prefix is not None else 0)
             if pool is None:
                 pool = _Pool(prefix)
-            if not self._make_room(pool, len(pool.rows) + 1, row.slots_needed):
+            if not self._make_room(pool, len(pool.rows) + 1, row.slots_needed, hint):
                 if self.in_flight() == 0:
                     raise MemoryError(f"the KV-cache budget of {self.kv_budget_bytes} bytes cannot hold one row of "
                                       f"{row.slots_needed} slots ({row.slots_needed * self.slot_bytes} bytes); "
@@ -290,15 +297,17 @@ class Scheduler:
                 best = cached
         return best
 
-    def _make_room(self, pool: _Pool, rows: int, slots: int) -> bool:
-        """Grow `pool` to hold `rows` rows of `slots` slots, within the budget; False if it cannot."""
+    def _make_room(self, pool: _Pool, rows: int, slots: int, hint: int = 0) -> bool:
+        """Grow `pool` to hold `rows` rows of `slots` slots, within the budget; False if it cannot.
+        Where the budget allows, it grows to every row the scheduler may hold and to `hint` slots
+        (or double), so that it is rarely regrown (each regrowth copies the pool)."""
         have_rows, have_slots = pool.capacity
         if rows <= have_rows and slots <= have_slots:
             return True
         limit = self.engine.max_seq_len - (len(pool.prefix.tokens) if pool.prefix is not None else 0)
-        new_rows = max(have_rows, min(self.max_in_flight, max(rows, 2 * have_rows)))
-        new_slots = max(have_slots, min(limit, _round_up(max(slots, have_slots * 2 if slots > have_slots else 0),
-                                                         SLOT_ROUND)))
+        new_rows = max(have_rows, self.max_in_flight if rows > have_rows else rows)
+        want = max(slots, hint, have_slots * 2) if slots > have_slots else have_slots
+        new_slots = max(have_slots, min(limit, _round_up(want, SLOT_ROUND)))
         new_slots = max(new_slots, slots)
         if self.kv_budget_bytes is not None:
             others = sum(self._pool_bytes(p) for p in self._pools.values() if p is not pool)
@@ -484,6 +493,14 @@ def _sampling_key(params: SamplingParams) -> tuple:
     """What `Engine._sample` reads of the parameters besides min_new_tokens (passed per row)."""
     return (params.temperature, params.top_p, params.top_k, tuple(sorted(params.logit_bias.items())),
             tuple(params.ngram_penalties))
+
+
+def _free_memory_half(device: torch.device) -> Optional[int]:
+    """Half the memory now free on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    free = _available_memory() if device.type == "cpu" else 0
+    return free // 2 if free > 0 else None
 
 
 def _round_up(n: int, m: int) -> int:
