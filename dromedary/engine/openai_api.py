@@ -332,14 +332,18 @@ def plan_chat(obj: Any, card: ModelCard) -> Plan:
     fmt = body.take("response_format", "dict")
     if fmt is not None and fmt != {"type": "text"}:
         raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported", param="response_format")
-    system, turns = chat_turns(body.obj.get("messages"), card.system)
-    prompt = templates.format_conversation(system, turns, card.assistant_name)
-    ids = card.tokenizer.encode(prompt)
+    ids = card.tokenizer.encode(chat_prompt(body.obj.get("messages"), card))
     max_tokens = _budget(common, len(ids), None, card, field_name, "conversation")
     params = _params(common, max_tokens, [*common.stop, templates.NextTurn(card.assistant_name)], None)
     seeds = _seeds(common, common.n)
     rows = [Row(c, ids, params, seeds[c]) for c in range(common.n)]
     return Plan("chat", rows, common.stream, common.include_usage, None, [], len(ids))
+
+
+def chat_prompt(messages: Any, card: ModelCard) -> str:
+    """The prompt text of a `messages` array: the conversation format, ending where the answer starts."""
+    system, turns = chat_turns(messages, card.system)
+    return templates.format_conversation(system, turns, card.assistant_name)
 
 
 def chat_turns(messages: Any, default_system: str) -> tuple[str, list[templates.Turn]]:

@@ -92,7 +92,8 @@ class EngineLoop:
         self._live: dict[int, Request] = {}  # uid -> request in the scheduler (every rank)
         self._uids = itertools.count()
         self._stopping = False
-        self._idle = False  # run() is waiting for a request (the other ranks in a broadcast)
+        # Rank 0 has not yet broadcast what the other ranks wait for (they wait from the start).
+        self._idle = True
         self.counters = Counters()
 
     # ------------------------------------------------------------------ any thread (rank 0)
@@ -483,9 +484,17 @@ def url_of(httpd: _HTTPServer) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(app: App, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+def listen(app: App, host: str, port: int) -> _HTTPServer:
+    """Bind the address (before any request can arrive); a taken port is the user's to change."""
+    try:
+        return app.listen(host, port)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port "
+                         "(0 picks a free one) or --host") from None
+
+
+def serve(app: App, httpd: _HTTPServer, on_ready: Callable[[str], None]) -> None:
     """Rank 0: HTTP in a thread, the engine loop in this one, until interrupted."""
-    httpd = app.listen(host, port)
     thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     thread.start()
     on_ready(url_of(httpd))

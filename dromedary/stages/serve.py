@@ -102,9 +102,10 @@ def serve(
               f"{max_in_flight} rows in flight); Ctrl-C stops", flush=True)
 
     try:
-        server.serve(app, host, port, ready)
+        httpd = server.listen(app, host, port)
+        server.serve(app, httpd, ready)
     finally:
-        loop.close()
+        loop.close()  # under torchrun, the other ranks stop too
 
 
 def _default_name(ckpt_dir: Optional[str], adapter: Optional[str]) -> str:
