@@ -9,6 +9,7 @@ assistant name unless a request brings its own system message.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,7 @@ def serve(
     system_text = templates.load_system_prompt(system, assistant_name)  # a bad name fails before the model
     templates.NextTurn(assistant_name)  # and so does a bad assistant name
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager (or torchrun) is a Ctrl-C
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
@@ -106,6 +108,10 @@ def serve(
         server.serve(app, httpd, ready)
     finally:
         loop.close()  # under torchrun, the other ranks stop too
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _default_name(ckpt_dir: Optional[str], adapter: Optional[str]) -> str:
