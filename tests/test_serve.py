@@ -8,11 +8,11 @@ import json
 import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import openai
@@ -300,7 +300,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, reference):
         else:
             wait_until(lambda: server.health()["active"] == 1)
         sock.close()
-        wait_until(lambda: server.health()["active"] == 0, timeout=60)
+        wait_until(lambda: server.health()["active"] == 0, timeout=15)
     after = server.health()
     # Cancelled, not finished: 6000 tokens would have counted as finished (and taken a minute).
     assert after["cancelled"] - before["cancelled"] == 2 and after["finished"] == before["finished"]
@@ -476,6 +476,14 @@ def test_completion_plan(card, tokenizer):
     assert params.max_new_tokens == 5 and params.stop == ("x",) and params.ngram_penalties[0] == 0.5
     assert params.logit_bias == {5: -100.0} and params.temperature == 1.0
     assert plan.prompt_tokens == len(tokenizer.encode("a b")) + len(tokenizer.encode("c"))
+    # A KV-cache budget smaller than the window: a request it cannot hold is refused up front.
+    small = ModelCard("m", tokenizer, 256, "Be helpful.", templates.DEFAULT_ASSISTANT_NAME, row_tokens=40)
+    with pytest.raises(ApiError, match="KV-cache budget") as err:
+        plan_completion({"prompt": "a b", "max_tokens": 39}, small)
+    assert err.value.param == "max_tokens"
+    plan_completion({"prompt": "a b", "max_tokens": 40 - len(tokenizer.encode("a b"))}, small)
+    chat = plan_chat({"messages": [{"role": "user", "content": "hi"}]}, replace(small, row_tokens=200))
+    assert chat.rows[0].params.max_new_tokens == 200 - len(chat.rows[0].ids)
     # Chat with no max_tokens: the rest of the window.
     chat = plan_chat({"messages": [{"role": "user", "content": "hi"}]}, card)
     assert chat.rows[0].params.max_new_tokens == 256 - len(chat.rows[0].ids)

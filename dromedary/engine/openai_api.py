@@ -55,6 +55,8 @@ class ModelCard:
     window: int  # context window: prompt + answer
     system: str  # the system prompt of chat requests that bring none
     assistant_name: str
+    # Tokens (prompt + answer) the KV-cache budget holds for one row; None: no budget.
+    row_tokens: Optional[int] = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -131,7 +133,8 @@ def _logit_bias(body: _Body, tok: Tokenizer) -> dict[int, float]:
     bias = {}
     for key, value in raw.items():
         if not (key.isdigit() and int(key) < tok.n_words):
-            raise ApiError(400, f"'logit_bias' key {key!r} is not a token id (0..{tok.n_words - 1})", param="logit_bias")
+            raise ApiError(400, f"'logit_bias' key {key!r} is not a token id (0..{tok.n_words - 1})",
+                           param="logit_bias")
         if not _is_number(value) or not -100 <= value <= 100:
             raise ApiError(400, f"'logit_bias' value for {key} must be a number in [-100, 100], got {value!r}",
                            param="logit_bias")
@@ -244,7 +247,13 @@ def _budget(common: _Common, n_prompt: int, default: Optional[int], card: ModelC
         raise ApiError(400, f"the context window of '{card.name}' is {card.window} tokens; the {what} has "
                             f"{n_prompt} tokens{room}: shorten the {what} or lower '{param}'",
                        param="messages" if what == "conversation" else "prompt", code="context_length_exceeded")
-    return asked if asked is not None else card.window - n_prompt
+    # Unasked, the answer may take what the window (and the KV-cache budget) leaves.
+    budget = asked if asked is not None else min(card.window, card.row_tokens or card.window) - n_prompt
+    if card.row_tokens is not None and n_prompt + budget > card.row_tokens:
+        raise ApiError(400, f"the {what} ({n_prompt} tokens) and its answer ({budget} tokens) need more than the "
+                            f"{card.row_tokens} tokens the server's KV-cache budget holds for one request: shorten "
+                            f"the {what} or lower '{param}'", param=param, code="context_length_exceeded")
+    return budget
 
 
 def _params(common: _Common, max_tokens: int, stop: Sequence, logprobs: Optional[int]) -> SamplingParams:
@@ -331,7 +340,8 @@ def plan_chat(obj: Any, card: ModelCard) -> Plan:
         raise ApiError(400, "logprobs are supported on /v1/completions only", param="logprobs")
     fmt = body.take("response_format", "dict")
     if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported", param="response_format")
+        raise ApiError(400, "'response_format' other than {\"type\": \"text\"} is not supported",
+                       param="response_format")
     ids = card.tokenizer.encode(chat_prompt(body.obj.get("messages"), card))
     max_tokens = _budget(common, len(ids), None, card, field_name, "conversation")
     params = _params(common, max_tokens, [*common.stop, templates.NextTurn(card.assistant_name)], None)
@@ -460,13 +470,15 @@ def logprobs_block(tok: Tokenizer, row: Row, gen: Generation, offset: int) -> di
             "text_offset": offsets}
 
 
+def choice_logprobs(plan: Plan, tok: Tokenizer, row: Row, gen: Generation) -> Optional[dict]:
+    """A completion choice's `logprobs` (None unless asked for), offsets counted from the prompt's start."""
+    return None if plan.logprobs is None else logprobs_block(tok, row, gen, len(tok.decode(row.ids)))
+
+
 def completion_choice(plan: Plan, tok: Tokenizer, row: Row, gen: Generation) -> dict:
     head = plan.echo[row.index] if plan.echo else ""
-    choice = {"index": row.index, "text": head + gen.text, "logprobs": None,
-              "finish_reason": FINISH.get(gen.finish_reason, "stop")}
-    if plan.logprobs is not None:
-        choice["logprobs"] = logprobs_block(tok, row, gen, len(tok.decode(row.ids)))
-    return choice
+    return {"index": row.index, "text": head + gen.text, "logprobs": choice_logprobs(plan, tok, row, gen),
+            "finish_reason": FINISH.get(gen.finish_reason, "stop")}
 
 
 def chat_choice(plan: Plan, row: Row, gen: Generation) -> dict:

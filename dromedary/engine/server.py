@@ -25,6 +25,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,7 +55,8 @@ class Job:
     """One HTTP request's rows: what the loop reports about them arrives on `events` as
     ("text", index, delta), ("done", index, Generation) or ("error", index, message)."""
 
-    def __init__(self):
+    def __init__(self, stream: bool):
+        self.stream = stream  # text deltas are wanted, not only the finished generations
         self.events: queue.Queue = queue.Queue()
         self.uids: dict[int, int] = {}  # row index -> the loop's id of that row
         self.open: set[int] = set()  # row indices not finished
@@ -119,6 +121,7 @@ class EngineLoop:
             self.cond.notify()
 
     def status(self) -> dict:
+        """GET /health: rows submitted and not yet answered ("active"), and counts since the start."""
         with self.cond:
             return {"active": len(self._jobs), **self.counters.__dict__}
 
@@ -164,9 +167,18 @@ class EngineLoop:
                 on_text = None
                 if main:
                     job, index = self._jobs[uid]
-                    on_text = (lambda q, i: lambda delta: q.put(("text", i, delta)))(job.events, index)
+                    if job.stream:
+                        on_text = (lambda q, i: lambda delta: q.put(("text", i, delta)))(job.events, index)
                 request = Request(ids, params, seed=seed, on_text=on_text, key=uid)
-                self.sched.submit(request)  # checked by openai_api: it does not raise here
+                try:
+                    self.sched.submit(request)  # openai_api checked the request: this is not expected to fail
+                except ValueError as err:  # the same on every rank: each skips the row
+                    if main:
+                        with self.cond:
+                            job, index = self._jobs.pop(uid)
+                            job.events.put(("error", index, f"the engine refused the request: {err}"))
+                            self.counters.failed += 1
+                    continue
                 self._live[uid] = request
                 if main:
                     self.counters.submitted += 1
@@ -325,9 +337,10 @@ class App:
     routes: dict[str, Route] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.route("/v1/models", "GET", lambda ex, _: ex.send_json(200, api.models(self.card)))
-        self.route("/v1/completions", "POST", lambda ex, body: self.generate(ex, api.plan_completion(_json(body), self.card)))
-        self.route("/v1/chat/completions", "POST", lambda ex, body: self.generate(ex, api.plan_chat(_json(body), self.card)))
+        card = self.card
+        self.route("/v1/models", "GET", lambda ex, _: ex.send_json(200, api.models(card)))
+        self.route("/v1/completions", "POST", lambda ex, b: self.generate(ex, api.plan_completion(_json(b), card)))
+        self.route("/v1/chat/completions", "POST", lambda ex, b: self.generate(ex, api.plan_chat(_json(b), card)))
         self.route("/health", "GET", lambda ex, _: ex.send_json(200, {"status": "ok", **self.loop.status()}),
                    auth=False)
 
@@ -380,7 +393,7 @@ class App:
 
     # ------------------------------------------------------------------ generating
     def generate(self, ex: Exchange, plan: Plan) -> None:
-        job = Job()
+        job = Job(plan.stream)
         self.loop.submit(job, plan.rows)
         try:
             if plan.stream:
@@ -394,12 +407,16 @@ class App:
 
     def _events(self, ex: Exchange, job: Job):
         """The job's events until every row is done; ClientGone when the client leaves first."""
+        checked = time.monotonic()
         while job.open:
+            # Looked at between events too: a stream's deltas may come faster than POLL_SECONDS.
+            if time.monotonic() - checked >= POLL_SECONDS:
+                if ex.client_gone():
+                    raise ClientGone
+                checked = time.monotonic()
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if ex.client_gone():
-                    raise ClientGone from None
                 continue
             kind, index, payload = event
             if kind == "error":
@@ -452,8 +469,7 @@ class App:
                     send([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
                 else:
                     rest = gen.text[len(shown[i]):] if gen.text.startswith(shown[i]) else ""
-                    logprobs = (api.logprobs_block(self.card.tokenizer, rows[i], gen, len(self.card.tokenizer.decode(rows[i].ids)))
-                                if plan.logprobs is not None else None)
+                    logprobs = api.choice_logprobs(plan, self.card.tokenizer, rows[i], gen)
                     send([{"index": i, "text": rest, "logprobs": logprobs, "finish_reason": finish}])
         except ApiError as err:  # the engine failed halfway: said in the stream, which then ends
             ex.send_event(err.body())

@@ -93,7 +93,8 @@ def serve(
         loop.mirror()
         return
     name = str(model_name) if model_name is not None else _default_name(ckpt_dir, adapter)
-    card = ModelCard(name, loaded.tokenizer, engine.max_seq_len, system_text, assistant_name)
+    row_tokens = None if budget is None else budget // loop.sched.slot_bytes
+    card = ModelCard(name, loaded.tokenizer, engine.max_seq_len, system_text, assistant_name, row_tokens)
     app = server.App(card, loop, api_key=api_key, log_requests=log_requests)
     if host not in LOOPBACK and api_key is None:
         print(f"dromedary serve: warning: listening on {host} with no API key: anyone who can reach this port "
