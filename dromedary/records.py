@@ -507,7 +507,7 @@ FINGERPRINT = ".fingerprint.json"
 FINGERPRINT_VERSION = 1
 # Options that decide how a stage runs, not what it writes (dtype and batch size change results
 # only by rounding), or that name files whose content is fingerprinted instead (the input, per id).
-RUN_ONLY = ("input", "output", "rejected", "overwrite", "max_batch_size", "model_parallel_size", "dtype")
+RUN_ONLY = ("input", "output", "rejected", "overwrite", "max_batch_size", "kv_cache_gb", "model_parallel_size", "dtype")
 _WHOLE_FILE = 8 << 20  # files up to this size are hashed whole; larger ones are sampled
 _BLOCK, _BLOCKS = 64 << 10, 16
 _NOT_MODEL_FILES = (PROVENANCE, FINGERPRINT, ".jsonl", ".tmp", ".lock", ".md", ".txt")

@@ -30,6 +30,13 @@ Workloads:
   W2  batch 8 distinct 256-token prompts, 128 new tokens. Target: ours >= 1.5x HF.
   W3  batch 1 decode (128-token prompt, 128 new tokens): decode tokens/s x weight bytes as a
       fraction of the measured memory copy bandwidth. Target: >= 60%.
+  W4  continuous batching: 64 requests, prompts of 64-256 tokens, outputs of 16-256 tokens (lengths
+      drawn from --seed; each output forced to its length: EOS masked until then), greedy. Shown in
+      one run: our scheduler (--in-flight rows in flight, refilled as rows finish), our engine in
+      fixed batches of 8 (Engine.generate's batch path, rows leaving as they finish), and vLLM's
+      CPU build on the HF copy where `import vllm` works. Target: the scheduler >= 2x the fixed
+      batches and >= vLLM-CPU's throughput. Not in the default --workloads (it takes a while on
+      two cores); --quick shrinks it to 16 requests of 16-64 + 4-64 tokens.
 
 On a GPU (--device cuda): both sides run on the device, times are taken after a device
 synchronize, CPU-time columns are the host's (not a measure of the GPU's work), and --model 1b (a
@@ -65,7 +72,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dromedary.engine import builder
-from dromedary.engine.generation import Engine, SamplingParams  # noqa: E402
+from dromedary.engine.generation import Engine, SamplingParams, row_seed  # noqa: E402
+from dromedary.engine.scheduler import Request, Scheduler  # noqa: E402
 from dromedary.llama import checkpoint  # noqa: E402
 from dromedary.llama.kernels.lean import LeanDecoder  # noqa: E402
 from dromedary.llama.kernels.native import NativeDecoder  # noqa: E402
@@ -92,6 +100,9 @@ WORKLOADS = {
     "W2": Workload("W2", batch=8, shared=0, own=256, new=128, target=1.5, what="ratio"),
     "W3": Workload("W3", batch=1, shared=0, own=128, new=128, target=0.60, what="bandwidth"),
 }
+# W4: (requests, prompt lengths, output lengths), each length uniform in its range.
+W4 = dict(requests=64, prompt=(64, 256), output=(16, 256), fixed_batch=8)
+QUICK_W4 = dict(requests=16, prompt=(16, 64), output=(4, 64), fixed_batch=8)
 QUICK = {
     "W1": Workload("W1", batch=4, shared=256, own=16, new=16, target=4.0, what="ratio"),
     "W2": Workload("W2", batch=4, shared=0, own=64, new=32, target=1.5, what="ratio"),
@@ -204,6 +215,97 @@ def run_hf(model, prompts: list[list[int]], n: int):
     return out[:, ids.shape[1] :].tolist(), (time.perf_counter() - start, time.process_time() - cpu)
 
 
+def w4_requests(spec: dict, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, forced output length) per request."""
+    g = random.Random(seed)
+    out = []
+    for _ in range(spec["requests"]):
+        n_prompt, n_out = g.randint(*spec["prompt"]), g.randint(*spec["output"])
+        out.append(([1] + [g.randrange(3, vocab) for _ in range(n_prompt - 1)], n_out))
+    return out
+
+
+def w4_scheduler(engine: Engine, reqs, in_flight: int):
+    requests = [Request(p, SamplingParams(max_new_tokens=n, min_new_tokens=n), seed=row_seed(0, str(i)), key=i)
+                for i, (p, n) in enumerate(reqs)]
+    engine._prefix = engine._pinned = None
+    sync()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in Scheduler(engine, max_in_flight=in_flight).run(requests):
+        pass
+    sync()
+    return [r.result.tokens for r in requests], (time.perf_counter() - start, time.process_time() - cpu)
+
+
+def w4_fixed(engine: Engine, reqs, batch: int):
+    """Engine.generate's batch path in fixed batches, each row with its own forced length (the
+    per-row budgets of `_decode`; EOS masked throughout, as min_new_tokens = the longest does)."""
+    longest = max(n for _, n in reqs)
+    params = SamplingParams(max_new_tokens=longest, min_new_tokens=longest)
+    engine._prefix = engine._pinned = None
+    out = []
+    sync()
+    start, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for b in range(0, len(reqs), batch):
+            chunk = reqs[b : b + batch]
+            gens = engine._decode([p for p, _ in chunk], 0, None, params, [n for _, n in chunk],
+                                  [row_seed(0, str(b + i)) for i in range(len(chunk))], None, [len(p) for p, _ in chunk])
+            out += [g.tokens for g in gens]
+    sync()
+    return out, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+def w4_vllm(hf_dir: Path, tokenizer: Path, reqs, threads: int):
+    """vLLM's offline LLM on the HF copy, or None (and why) where it cannot run."""
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM
+        from vllm import SamplingParams as VllmParams
+    except Exception as e:  # noqa: BLE001 - any import failure means "not measured"
+        return None, f"not measured (import vllm: {type(e).__name__}: {str(e)[:80]})"
+    try:
+        llm = LLM(model=str(hf_dir), tokenizer=str(tokenizer.parent), dtype="bfloat16", max_num_seqs=len(reqs),
+                  enforce_eager=False)
+        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+        params = [VllmParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0) for _, n in reqs]
+        llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+        start, cpu = time.perf_counter(), time.process_time()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return ([list(o.outputs[0].token_ids) for o in outs], (wall, cpu)), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"not measured (vLLM failed: {type(e).__name__}: {str(e)[:120]})"
+
+
+def run_w4(ours: Engine, hf_dir: Path, tok: Path, args: ModelArgs, opts) -> list[str]:
+    spec = QUICK_W4 if opts.quick else W4
+    reqs = w4_requests(spec, args.vocab_size, opts.seed)
+    total = sum(n for _, n in reqs)
+    fns = {"scheduler": lambda: w4_scheduler(ours, reqs, opts.in_flight),
+           "fixed": lambda: w4_fixed(ours, reqs, spec["fixed_batch"])}
+    timed = dict(zip(fns, timed_pairs(list(fns.values()), opts.repeats)))
+    (s_toks, t_s, c_s), (f_toks, t_f, c_f) = timed["scheduler"], timed["fixed"]
+    assert [len(t) for t in s_toks] == [n for _, n in reqs], "the scheduler's outputs are not their forced lengths"
+    match = sum(leading_match(a, b) for a, b in zip(s_toks, f_toks)) / total
+    lines = [f"W4 ({spec['requests']} requests, prompts {spec['prompt'][0]}-{spec['prompt'][1]}, outputs "
+             f"{spec['output'][0]}-{spec['output'][1]}, {total} new tokens): scheduler ({opts.in_flight} in flight) "
+             f"{t_s:.2f} s = {total / t_s:.1f} tok/s (CPU {c_s:.2f} s); fixed batches of {spec['fixed_batch']} "
+             f"{t_f:.2f} s = {total / t_f:.1f} tok/s (CPU {c_f:.2f} s); speed-up {t_f / t_s:.2f}x (target >= 2x); "
+             f"tokens equal to the fixed batches' {match:.0%} (bf16 near-ties aside)"]
+    if opts.no_vllm:
+        lines.append("W4 vLLM-CPU: not measured (--no-vllm)")
+        return lines
+    result, why = w4_vllm(hf_dir, tok, reqs, opts.threads)
+    if result is None:
+        lines.append(f"W4 vLLM-CPU: {why}")
+    else:
+        _, (t_v, c_v) = result
+        lines.append(f"W4 vLLM-CPU: {t_v:.2f} s = {total / t_v:.1f} tok/s (CPU {c_v:.2f} s, one run after a warm-up); "
+                     f"scheduler / vLLM throughput {t_v / t_s:.2f} (target >= 1)")
+    return lines
+
+
 def leading_match(a: list[int], b: list[int]) -> int:
     """Tokens equal before the first difference (after one, greedy decoding goes its own way)."""
     n = 0
@@ -272,6 +374,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="time only our engine (profiling)")
+    ap.add_argument("--in-flight", type=int, default=64, help="W4: the scheduler's rows in flight")
+    ap.add_argument("--no-vllm", action="store_true", help="W4: do not try vLLM")
     ap.add_argument("--no-native", action="store_true",
                     help="decode with the PyTorch step (lean.py) instead of the compiled one (native.py)")
     ap.add_argument("--fp32-check", choices=("auto", "always", "never"), default="auto",
@@ -280,7 +384,7 @@ def main() -> None:
     opts = ap.parse_args()
     names = [n.strip().upper() for n in opts.workloads.split(",") if n.strip()]
     table = QUICK if opts.quick else WORKLOADS
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in table and n != "W4"]
     if unknown:
         ap.error(f"--workloads: unknown {unknown}; choose from {sorted(table)}")
     global DEVICE
@@ -306,6 +410,11 @@ def main() -> None:
         print(f"\n{'wl':3} {'shape':>20} {'ours s':>7} {'ours tok/s':>10} {'HF s':>7} {'HF tok/s':>9} "
               f"{'ratio':>6} {'cpu s ours/HF':>14} {'cpu ratio':>9}  match (leading tokens equal per row)")
         for name in names:
+            if name == "W4":
+                for line in run_w4(ours, hf_dir, tok, args, opts):
+                    print(line, flush=True)
+                    summary.append(line)
+                continue
             w = table[name]
             prompts = make_prompts(w, args.vocab_size, opts.seed)
             total = w.batch * w.new

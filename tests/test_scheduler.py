@@ -1,5 +1,6 @@
 """Continuous batching: every request's output is what it gets alone, whatever else is in flight."""
 
+import json
 import threading
 
 import pytest
@@ -174,3 +175,109 @@ def test_bad_requests_are_refused_at_submit(engine):
     with pytest.raises(ValueError, match="logprobs"):
         sched.submit(Request("a", SamplingParams(logprobs=-1)))
     assert sched.pending() == 0
+
+
+def test_logprobs_are_the_reference_models_log_softmax(engine, ckpts, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(str(ckpts["gqa_hf"]), dtype=torch.float32).eval()
+    requests = [Request(p, SamplingParams(max_new_tokens=8, temperature=t, logprobs=k), seed=3, key=i)
+                for i, (p, t, k) in enumerate(zip(prompts(3, seed=8), (0.0, 1.0, 1.5), (3, 0, 5)))]
+    list(Scheduler(engine, max_in_flight=2).run(requests))
+    for r in requests:
+        g = r.result
+        assert len(g.token_logprobs) == len(g.top_logprobs) == len(g.tokens) + (g.finish_reason == "eos")
+        ids = tokenizer.encode(r.prompt) + g.tokens
+        with torch.no_grad():
+            logits = ref(torch.tensor([ids])).logits[0].float()
+        lp = torch.log_softmax(logits, dim=-1)[len(ids) - len(g.tokens) - 1 :]  # row t predicts token t
+        chosen = g.tokens + ([] if len(g.token_logprobs) == len(g.tokens) else [None])
+        for t, token in enumerate(chosen):
+            if token is not None:
+                assert g.token_logprobs[t] == pytest.approx(float(lp[t, token]), abs=1e-4)
+            top = g.top_logprobs[t]
+            k = r.params.logprobs
+            assert len(top) == k
+            want = torch.topk(lp[t], k)
+            assert list(top) == want.indices.tolist()
+            assert list(top.values()) == pytest.approx(want.values.tolist(), abs=1e-4)
+    # Off by default: nothing recorded.
+    plain = Request("the camel", SamplingParams(max_new_tokens=3))
+    list(Scheduler(engine).run([plain]))
+    assert plain.result.token_logprobs is None and plain.result.top_logprobs is None
+
+
+MP_SCRIPT = """
+import json, sys
+import torch
+from dromedary import distributed
+from dromedary.engine import builder
+from dromedary.engine.generation import Engine, SamplingParams
+from dromedary.engine.scheduler import Request, Scheduler
+
+ckpt, out, mp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+specs = json.loads(sys.argv[4])
+loaded = builder.build(ckpt, model_parallel_size=mp, dtype="fp32", device="cpu")
+engine = Engine(loaded.model, loaded.tokenizer)
+requests = [Request(p, SamplingParams(max_new_tokens=n, temperature=t), seed=s, key=i)
+            for i, (p, n, t, s) in enumerate(specs)]
+order = [r.key for r in Scheduler(engine, max_in_flight=3).run(requests)]
+alone = [Engine(loaded.model, loaded.tokenizer).generate([r.prompt], r.params, seeds=[r.seed])[0].tokens
+         for r in requests]
+if distributed.world().rank == 0:
+    json.dump({"tokens": [r.result.tokens for r in requests], "alone": alone, "order": order}, open(out, "w"))
+distributed.teardown()
+"""
+
+
+def test_model_parallel_ranks_run_one_schedule(ckpts, tmp_path, engine):
+    from helpers_ckpt import free_port, run, torchrun
+
+    budgets = [30, 4, 22, 8, 16, 5, 12]
+    specs = [(p, budgets[i], (0.0, 1.0)[i % 2], 7 + i) for i, p in enumerate(prompts(7, seed=9))]
+    script = tmp_path / "mp.py"
+    script.write_text(MP_SCRIPT)
+    out = tmp_path / "out.json"
+    run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), script, ckpts["gqa_meta"], out, 2,
+                      json.dumps(specs)])
+    got = json.loads(out.read_text())
+    assert got["tokens"] == got["alone"]
+    # The same as at MP=1, in this process.
+    requests = [Request(p, SamplingParams(max_new_tokens=n, temperature=t), seed=s) for p, n, t, s in specs]
+    list(Scheduler(engine, max_in_flight=3).run(requests))
+    assert got["tokens"] == [r.result.tokens for r in requests]
+    assert got["order"] != sorted(got["order"])  # rows finished out of order: slots were refilled
+
+
+def test_a_stage_writes_records_as_they_finish_and_resumes_by_id(ckpts, tmp_path, engine, tokenizer):
+    from helpers_ckpt import read_jsonl, write_jsonl
+
+    from dromedary import cli, distributed
+
+    def main(*args):
+        try:
+            return cli.main([str(a) for a in args])
+        finally:
+            distributed.setup(1, "cpu")
+
+    texts = prompts(10, seed=10)
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": p} for i, p in enumerate(texts)])
+    common = ["--ckpt_dir", ckpts["gqa_meta"], "--input", inputs, "--max_new_tokens", 24, "--max_batch_size", 3,
+              "--temperature", 0.8, "--stop", '[" the"]']
+    full = tmp_path / "full.jsonl"
+    assert main("generate", "--output", full, *common) == 0
+    got = read_jsonl(full)
+    ids = [r["id"] for r in got]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(10)) and ids != [f"r{i}" for i in range(10)]
+    # Each record is what its prompt gives alone, with its own seed.
+    from dromedary.engine.generation import row_seed
+
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, stop=(" the",))
+    for r in got:
+        assert r["completion"] == engine.generate([r["prompt"]], params, seeds=[row_seed(0, r["id"])])[0].text
+    # A run stopped after 4 records resumes with the other 6.
+    part = tmp_path / "part.jsonl"
+    assert main("generate", "--output", part, *common) == 0
+    part.write_text("".join(line + "\n" for line in part.read_text().splitlines()[:4]))
+    assert main("generate", "--output", part, *common) == 0
+    assert sorted(read_jsonl(part), key=lambda r: r["id"]) == sorted(got, key=lambda r: r["id"])

@@ -352,9 +352,10 @@ class Engine:
         return cache, 0
 
     def _sample(self, logits: torch.Tensor, histories: list[list[int]], seeds: list[int], params: SamplingParams,
-                step: int | Sequence[int], rows: Sequence[int] = ()):
+                step: int | Sequence[int], rows: Sequence[int] = (), hold: Optional[Sequence[bool]] = None):
         """One token per row of `logits` (B, vocab); `step`: the new-token index of every row, or
-        of each row (the scheduler's rows are at different steps)."""
+        of each row (the scheduler's rows are at different steps). `hold`: per row, whether its
+        stop tokens are still excluded (default: its step < params.min_new_tokens)."""
         logits = logits.float()
         logits[:, self.n_words :] = float("-inf")
         for token, bias in params.logit_bias.items():
@@ -362,11 +363,13 @@ class Engine:
         if any(params.ngram_penalties):
             for slot, hist in enumerate(histories):
                 _apply_ngram_penalties(logits[slot], hist, params.ngram_penalties)
-        if isinstance(step, int):
+        if isinstance(step, int) and hold is None:
             if step < params.min_new_tokens:
                 logits[:, [i for i in self.tok.stop_ids if i < logits.shape[-1]]] = float("-inf")
         else:
-            held = [b for b, s in enumerate(step) if s < params.min_new_tokens]
+            if hold is None:
+                hold = [s < params.min_new_tokens for s in step]
+            held = [b for b, h in enumerate(hold) if h]
             if held:
                 stops = [i for i in self.tok.stop_ids if i < logits.shape[-1]]
                 logits[torch.tensor(held, device=logits.device)[:, None], torch.tensor(stops, device=logits.device)] = float("-inf")

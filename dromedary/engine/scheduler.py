@@ -364,15 +364,18 @@ class Scheduler:
             raw = logits[logprob_rows].float().clone()
             raw[:, eng.n_words :] = float("-inf")
             log_probs = torch.log_softmax(raw, dim=-1)
-        # Rows with the same parameters are sampled together, each at its own step.
-        groups: dict[int, list[int]] = {}
+        # Rows whose parameters sample alike (budgets and min_new_tokens aside) are sampled
+        # together, each at its own step.
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(id(r.req.params), []).append(i)
+            groups.setdefault(_sampling_key(r.req.params), []).append(i)
         for idx in groups.values():
             params = rows[idx[0]].req.params
             sub = logits[idx] if len(idx) < len(rows) else logits
+            steps = [len(rows[i].tokens) for i in idx]
+            hold = [s < rows[i].req.params.min_new_tokens for s, i in zip(steps, idx)]
             picked = eng._sample(sub, [rows[i].tokens for i in idx], [rows[i].req.seed for i in idx], params,
-                                 [len(rows[i].tokens) for i in idx], [rows[i].req._seq for i in idx])
+                                 steps, [rows[i].req._seq for i in idx], hold)
             chosen[idx] = picked
         distributed.broadcast_tensor_mp(chosen)
         done: list[int] = []
@@ -477,6 +480,12 @@ class Scheduler:
             pool.logits = eng.model(chosen[:, None], (view.prefix_len + slot_t)[:, None], view)[:, -1]
 
 
+def _sampling_key(params: SamplingParams) -> tuple:
+    """What `Engine._sample` reads of the parameters besides min_new_tokens (passed per row)."""
+    return (params.temperature, params.top_p, params.top_k, tuple(sorted(params.logit_bias.items())),
+            tuple(params.ngram_penalties))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -487,3 +496,12 @@ def _has_world() -> bool:
         return True
     except RuntimeError:  # distributed.setup() not called (a library user with a plain model)
         return False
+
+
+def kv_budget_bytes(gb: Optional[float]) -> Optional[int]:
+    """A stage's --kv_cache_gb as bytes (None: no cap); refused before any model work."""
+    if gb is None:
+        return None
+    if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb > 0:
+        raise ValueError(f"--kv_cache_gb must be a positive number of GB, got {gb!r}")
+    return int(gb * 1e9)

@@ -7,6 +7,7 @@ from typing import Optional
 from .. import records
 from ..engine.builder import build, peek
 from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
+from ..engine.scheduler import Request, Scheduler, kv_budget_bytes
 from ..jobs import RecordJob, already_done
 
 
@@ -24,6 +25,7 @@ def generate(
     top_k: int = 0,
     stop: Optional[list[str]] = None,
     max_batch_size: int = 8,
+    kv_cache_gb: Optional[float] = None,
     max_seq_len: Optional[int] = None,
     dtype: Optional[str] = None,
     seed: int = 0,
@@ -47,7 +49,8 @@ def generate(
       top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches this.
       top_k: keep only the K most likely tokens (0: no limit).
       stop: stop strings, e.g. --stop '["\\n\\n### User"]'; the completion is cut before the first one.
-      max_batch_size: records generated together.
+      max_batch_size: records generated together (sequences in flight: a finished one's slot goes to the next record at once).
+      kv_cache_gb: most GB (10^9 bytes) the KV cache of the sequences in flight may take; a record waits for room. Default: no cap.
       max_seq_len: context window (prompt + completion). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id, so reruns and resumed runs repeat exactly.
@@ -60,6 +63,7 @@ def generate(
     params.check()
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    budget = kv_budget_bytes(kv_cache_gb)
     inputs = records.read_kind(input, "completion-input")  # bad input stops before any model work
     if already_done(output, inputs, overwrite, options):
         return
@@ -75,9 +79,9 @@ def generate(
     engine = Engine(loaded.model, loaded.tokenizer)
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="generate") as job:
-        for batch in job.batches(max_batch_size):
-            gens = engine.generate([r["prompt"] for r in batch], params,
-                                   seeds=[row_seed(seed, r["id"]) for r in batch])
-            for rec, gen in zip(batch, gens):
-                job.write({"id": rec["id"], "prompt": rec["prompt"], "completion": gen.text})
-            job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
+        # Records are written as they finish (resume goes by id, not by order).
+        requests = (Request(r["prompt"], params, seed=row_seed(seed, r["id"]), key=r) for r in job.todo)
+        for req in Scheduler(engine, max_in_flight=max_batch_size, kv_budget_bytes=budget).run(requests):
+            rec = req.key
+            job.write({"id": rec["id"], "prompt": rec["prompt"], "completion": req.result.text})
+            job.advance(1, tokens=len(req.result.tokens))

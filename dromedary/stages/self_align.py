@@ -14,6 +14,7 @@ from typing import Optional
 from .. import records
 from ..engine.builder import build, peek
 from ..engine.generation import Engine, SamplingParams, row_seed
+from ..engine.scheduler import Request, Scheduler, kv_budget_bytes
 from ..jobs import RecordJob, already_done
 from ..recipe import templates
 
@@ -32,6 +33,7 @@ def self_align(
     temperature: float = 0.7,
     top_p: float = 0.95,
     max_batch_size: int = 8,
+    kv_cache_gb: Optional[float] = None,
     max_seq_len: Optional[int] = None,
     dtype: Optional[str] = None,
     seed: int = 0,
@@ -58,7 +60,8 @@ def self_align(
       max_new_tokens: most tokens generated per record (thoughts and answer together).
       temperature: sampling temperature; 0 means greedy decoding.
       top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches this.
-      max_batch_size: records generated together.
+      max_batch_size: records generated together (sequences in flight: a finished one's slot goes to the next record at once).
+      kv_cache_gb: most GB (10^9 bytes) the KV cache of the sequences in flight may take; a record waits for room. Default: no cap.
       max_seq_len: context window (prompt + generation). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id.
@@ -71,6 +74,7 @@ def self_align(
     params.check()
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    budget = kv_budget_bytes(kv_cache_gb)
     if max_exemplars is not None and max_exemplars < 1:
         raise ValueError(f"--max_exemplars must be at least 1 (or left out for all), got {max_exemplars}")
 
@@ -91,18 +95,19 @@ def self_align(
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
+    scheduler = Scheduler(engine, max_in_flight=max_batch_size, kv_budget_bytes=budget)
     with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="self-align", fingerprint={"prompt_version": version}) as job:
         if job.todo:
             # Exactly the shared prefix, so every batch in every data-parallel group attends the
             # same cached block whatever words its records happen to share.
             engine.cache_prefix(prefix)
-        for batch in job.batches(max_batch_size):
-            prompts = [prefix + templates.self_align_suffix(r["instruction"], r["input"], name) for r in batch]
-            gens = engine.generate(prompts, params, seeds=[row_seed(seed, r["id"]) for r in batch])
-            for record, gen in zip(batch, gens):
-                job.write({**record, "generation": gen.text, "prompt_version": version, "model": loaded.name})
-            job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
+        # Records are written as they finish (resume goes by id, not by order).
+        requests = (Request(prefix + templates.self_align_suffix(r["instruction"], r["input"], name), params,
+                            seed=row_seed(seed, r["id"]), key=r) for r in job.todo)
+        for req in scheduler.run(requests):
+            job.write({**req.key, "generation": req.result.text, "prompt_version": version, "model": loaded.name})
+            job.advance(1, tokens=len(req.result.tokens))
 
 
 def check_context(inputs: list[dict], input: str, *, name: str, knowledge_cutoff: str,

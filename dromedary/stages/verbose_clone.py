@@ -17,6 +17,7 @@ from typing import Optional
 from .. import distributed, records
 from ..engine.builder import build, peek
 from ..engine.generation import Engine, Generation, SamplingParams, refuse_overlong, row_seed
+from ..engine.scheduler import Request, Scheduler, kv_budget_bytes
 from ..jobs import RecordJob, check_resume
 from ..recipe import templates, textfilters
 
@@ -40,6 +41,7 @@ def verbose_clone(
     min_repeat_words: int = 4,
     leak_words: int = 8,
     max_batch_size: int = 8,
+    kv_cache_gb: Optional[float] = None,
     max_seq_len: Optional[int] = None,
     dtype: Optional[str] = None,
     seed: int = 0,
@@ -71,7 +73,8 @@ def verbose_clone(
       min_words: shortest answer kept, in words.
       min_repeat_words: sentences shorter than this may repeat; a longer one that repeats an earlier one cuts the answer there.
       leak_words: an answer sharing this many consecutive words with the verbose system prompt is rejected.
-      max_batch_size: records generated together.
+      max_batch_size: records generated together (sequences in flight: a finished one's slot goes to the next record at once).
+      kv_cache_gb: most GB (10^9 bytes) the KV cache of the sequences in flight may take; a record waits for room. Default: no cap.
       max_seq_len: context window (prompt + answer). Default: the checkpoint's.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: sampling seed; each record samples from a seed derived from this and its id.
@@ -87,6 +90,7 @@ def verbose_clone(
             raise ValueError(f"--{flag} must be at least 1, got {value}")
     if rejected is not None and Path(rejected).resolve() == Path(output).resolve():
         raise ValueError("--rejected must be a different file from --output")
+    budget = kv_budget_bytes(kv_cache_gb)
     answer_filter = AnswerFilter(assistant_name, knowledge_cutoff, min_words, min_repeat_words, leak_words)
 
     inputs = records.read_kind(input, "sft")  # bad input stops here, before any model work
@@ -121,21 +125,22 @@ def verbose_clone(
     with RecordJob(output, todo, world, overwrite=overwrite, options=options, model=loaded.name,
                    desc="verbose-clone", fingerprint=fingerprint, resume_inputs=inputs,
                    also_done=[rejected]) as job, (reject_writer or contextlib.nullcontext()):
-        for batch in job.batches(max_batch_size):
-            prompts = [templates.verbose_clone_prompt(r["instruction"], r["input"], assistant_name, knowledge_cutoff)
-                       for r in batch]
-            gens = engine.generate(prompts, params, seeds=[row_seed(seed, r["id"]) for r in batch])
-            for record, gen in zip(batch, gens):
-                answer, reason = answer_filter(gen, record)
-                if reason is None:
-                    # The thoughts led to the concise answer, not to this one.
-                    job.write({**record, "output": answer, "thoughts": "", "source": SOURCE})
-                    kept += 1
-                else:
-                    reasons[reason.split(":", 1)[0]] += 1
-                    if reject_writer is not None:
-                        reject_writer.write({**record, "generation": gen.text, "reject_reason": reason})
-            job.advance(len(batch), tokens=sum(len(g.tokens) for g in gens))
+        # Records are written as they finish (resume goes by id, not by order).
+        requests = (Request(templates.verbose_clone_prompt(r["instruction"], r["input"], assistant_name,
+                                                           knowledge_cutoff),
+                            params, seed=row_seed(seed, r["id"]), key=r) for r in job.todo)
+        for req in Scheduler(engine, max_in_flight=max_batch_size, kv_budget_bytes=budget).run(requests):
+            record, gen = req.key, req.result
+            answer, reason = answer_filter(gen, record)
+            if reason is None:
+                # The thoughts led to the concise answer, not to this one.
+                job.write({**record, "output": answer, "thoughts": "", "source": SOURCE})
+                kept += 1
+            else:
+                reasons[reason.split(":", 1)[0]] += 1
+                if reject_writer is not None:
+                    reject_writer.write({**record, "generation": gen.text, "reject_reason": reason})
+            job.advance(1, tokens=len(gen.tokens))
     if rejected:
         distributed.barrier()
         if world.is_main:
