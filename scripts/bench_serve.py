@@ -1,7 +1,7 @@
 """`dromedary serve` under load: time to first token and tokens/s at 1, 8 and 32 concurrent clients.
 
     python scripts/bench_serve.py                          # starts a server on the embedded default
-    python scripts/bench_serve.py --server-args "--ckpt_dir /models/7B --max_in_flight 32"
+    python scripts/bench_serve.py --server-args "--ckpt_dir /models/7B --max_batch_size 32"
     python scripts/bench_serve.py --url http://127.0.0.1:8000/v1 --api-key KEY   # a running server
     python scripts/bench_serve.py --clients 1 8 32 --requests 4 --max-tokens 128
 
@@ -13,7 +13,7 @@ other (`--requests` each) with distinct messages, greedy, `--max-tokens` new tok
              the level, all clients together; `per client` divides it by the clients
   req/s      requests answered / wall time
 
-A started server gets `--max_in_flight` = the largest client count unless --server-args sets it, so
+A started server gets `--max_batch_size` = the largest client count unless --server-args sets it, so
 that the 32-client level measures batching rather than queueing. Levels run in the order given on
 one server, after one warm-up request.
 """
@@ -110,8 +110,8 @@ def main() -> None:
     proc = None
     server_args = shlex.split(args.server_args)
     if args.url is None:
-        if "--max_in_flight" not in args.server_args:
-            server_args += ["--max_in_flight", str(max(args.clients))]
+        if "--max_batch_size" not in args.server_args:
+            server_args += ["--max_batch_size", str(max(args.clients))]
         proc, url, log = start(server_args, args.api_key)
         print(f"server: {url} ({' '.join(server_args)}; log {log})")
     else:

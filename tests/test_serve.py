@@ -337,7 +337,7 @@ def test_load_32_clients_200_requests_each_answered_once(server, reference):
 
 def test_torchrun_two_ranks_serve_one_schedule(default_model, reference, tmp_path):
     cmd = [*torchrun(), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dromedary"]
-    live = start_server(tmp_path, "--max_in_flight", 4, cmd=cmd)
+    live = start_server(tmp_path, "--max_batch_size", 4, cmd=cmd)
     try:
         client = live.client()
         for prompt in PROMPTS:
@@ -394,6 +394,8 @@ def test_bad_flags_exit_2_before_loading(default_model):
     assert bad.returncode == 2 and "unknown system prompt 'nope'" in bad.stderr
     bad = run([*python_m(), "serve", "--port", 70000], check=False)
     assert bad.returncode == 2 and "--port 70000" in bad.stderr
+    bad = run([*python_m(), "serve", "--kv_cache_gb", 0], check=False)
+    assert bad.returncode == 2 and "--kv_cache_gb must be a positive number" in bad.stderr
     bad = run([*python_m(), "serve", "--model_parallel_size", 2], check=False)
     assert bad.returncode == 2 and "--model_parallel_size 2" in bad.stderr
 

@@ -18,7 +18,7 @@ from ..engine import server
 from ..engine.builder import build
 from ..engine.generation import Engine
 from ..engine.openai_api import ModelCard
-from ..engine.scheduler import Scheduler
+from ..engine.scheduler import Scheduler, kv_budget_bytes
 from ..recipe import templates
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -34,8 +34,8 @@ def serve(
     model_name: Optional[str] = None,
     system: str = "standard",
     assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
-    max_in_flight: int = 8,
-    kv_budget_gb: Optional[float] = None,
+    max_batch_size: int = 8,
+    kv_cache_gb: Optional[float] = None,
     model_parallel_size: Optional[int] = None,
     dtype: Optional[str] = None,
     max_seq_len: Optional[int] = None,
@@ -58,8 +58,8 @@ def serve(
       model_name: the model id clients pass as "model" and /v1/models lists. Default: the adapter's or checkpoint's directory name ("dromedary-default" for the embedded model).
       system: system prompt of chat requests without a system message: standard, concise, verbose, multilingual, or a text file.
       assistant_name: the assistant's name in the system prompt and the "### NAME:" marker; use the name the adapter was trained with.
-      max_in_flight: rows generated together at most (each choice of each request is a row); the others wait their turn.
-      kv_budget_gb: most memory the rows' KV cache may take, in GiB; a request waits while it would pass. Default: no limit.
+      max_batch_size: sequences generated together (each choice of each request is one; a finished one's slot goes to the next waiting at once).
+      kv_cache_gb: most GB (10^9 bytes) the KV cache of the sequences in flight may take; a request waits for room, and one that could never fit is refused. Default: no cap.
       model_parallel_size: processes sharing the model (tensor parallelism); the server runs one model copy, so this must be the number of processes. Default: the number of processes.
       dtype: fp32, bf16 or fp16. Default: bf16 on GPUs that support it, fp32 on CPU.
       max_seq_len: context window (prompt + answer). Default: the checkpoint's.
@@ -69,10 +69,9 @@ def serve(
     api_key = os.environ.get("DROMEDARY_API_KEY") if api_key is None else str(api_key)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"--port {port!r}: use a TCP port number in 0..65535 (0 picks a free one)")
-    if max_in_flight < 1:
-        raise ValueError(f"--max_in_flight {max_in_flight}: at least 1")
-    if kv_budget_gb is not None and kv_budget_gb <= 0:
-        raise ValueError(f"--kv_budget_gb {kv_budget_gb}: must be positive (leave it out for no limit)")
+    if max_batch_size < 1:
+        raise ValueError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    budget = kv_budget_bytes(kv_cache_gb)
     if api_key is not None and not api_key.strip():
         raise ValueError("--api_key is empty: give a key, or leave it out to ask for none")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -86,9 +85,8 @@ def serve(
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    dtype=dtype, max_seq_len=max_seq_len)
     engine = Engine(loaded.model, loaded.tokenizer)
-    budget = None if kv_budget_gb is None else int(kv_budget_gb * (1 << 30))
     link = server.Link(loaded.world)
-    loop = server.EngineLoop(lambda: Scheduler(engine, max_in_flight=max_in_flight, kv_budget_bytes=budget), link)
+    loop = server.EngineLoop(lambda: Scheduler(engine, max_in_flight=max_batch_size, kv_budget_bytes=budget), link)
     if not loaded.world.is_main:
         loop.mirror()
         return
@@ -102,7 +100,7 @@ def serve(
 
     def ready(url: str) -> None:
         print(f"dromedary serve: {name} at {url}/v1 (context window {card.window} tokens, "
-              f"{max_in_flight} rows in flight); Ctrl-C stops", flush=True)
+              f"{max_batch_size} sequences in flight); Ctrl-C stops", flush=True)
 
     try:
         httpd = server.listen(app, host, port)
