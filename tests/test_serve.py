@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -489,3 +490,51 @@ def test_completion_plan(card, tokenizer):
     # Chat with no max_tokens: the rest of the window.
     chat = plan_chat({"messages": [{"role": "user", "content": "hi"}]}, card)
     assert chat.rows[0].params.max_new_tokens == 256 - len(chat.rows[0].ids)
+
+
+class _FlakyScheduler:
+    """Answers every request with "ok" at its first step, except that a step holding the prompt
+    [7, 7, 7] raises, as a failing engine would."""
+
+    def __init__(self):
+        self.requests = []
+
+    def submit(self, request):
+        self.requests.append(request)
+
+    def cancel(self, request):
+        pass
+
+    def step(self):
+        from dromedary.engine.generation import Generation
+
+        if any(list(r.prompt) == [7, 7, 7] for r in self.requests):
+            raise RuntimeError("boom")
+        done, self.requests = self.requests, []
+        for r in done:
+            r.result = Generation("ok", [5], "length", len(r.prompt))
+        return done
+
+
+def test_an_engine_failure_fails_its_step_and_the_server_goes_on(card):
+    from dromedary.engine import server as srv
+
+    made = []
+    loop = srv.EngineLoop(lambda: made.append(_FlakyScheduler()) or made[-1])
+    app = srv.App(card, loop, log_requests=False)
+    httpd = srv.listen(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    try:
+        client = openai.OpenAI(base_url=srv.url_of(httpd) + "/v1", api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError, match="the engine failed: RuntimeError: boom"):
+            client.completions.create(model="m", prompt=[7, 7, 7], max_tokens=2)
+        assert client.completions.create(model="m", prompt="a b", max_tokens=2).choices[0].text == "ok"
+        assert len(made) == 2  # a fresh scheduler took over
+        assert loop.status()["failed"] == 1 and loop.status()["finished"] == 1
+    finally:
+        loop.stop()
+        runner.join(timeout=10)
+        httpd.shutdown()
+        httpd.server_close()
