@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("dromedary.stages.convert", "convert", "convert/reshard checkpoints between Meta and HF layouts"),
     "finetune": ("dromedary.stages.finetune", "finetune", "LoRA fine-tuning on curated sft records (principle engraving)"),
     "chat": ("dromedary.stages.chat", "chat", "talk to a model in the terminal (streaming, multi-turn)"),
+    "serve": ("dromedary.stages.serve", "serve", "OpenAI-compatible HTTP server (completions, chat, streaming)"),
     "pipeline": ("dromedary.stages.pipeline", "pipeline", "the whole recipe in one command, resumable"),
     "generate-prompts": ("dromedary.stages.generate_prompts", "generate_prompts", "prompts by TGRT, self-instruct, or import of ShareGPT/Dolly/oasst1/OpenOrca"),
     "self-align": ("dromedary.stages.self_align", "self_align", "principle-driven answers with in-context exemplars"),
