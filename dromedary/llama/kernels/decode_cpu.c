@@ -358,75 +358,6 @@ static inline float dot_bf16(const bf16 *a, const bf16 *b, int n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* The sums of 16 vectors, r[t] = sum of v[t]'s lanes, in a tree of 45 shuffles and adds (16
- * separate horizontal reductions take about three times as many, each a dependent chain). */
-static inline __m512 sum16(const __m512 *v) {
-    __m512 u[8], w[4], z[2];
-    for (int i = 0; i < 8; i++) /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
-        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of v[4i .. 4i + 3] */
-        __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++) /* 128-bit lanes [w2i: L0+L1, L2+L3, w2i+1: L0+L1, L2+L3] */
-        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-/* s[j] = q . k_j for the n keys k_j = k + j * hd: 16 keys at a time, one sum16 for all 16. */
-static void own_scores(const bf16 *q, const bf16 *k, int64_t n, int hd, float *s) {
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 acc[16];
-        for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
-        for (int i = 0; i < hd; i += 32) {
-            __mmask32 m = hd - i >= 32 ? (__mmask32)~0u : (__mmask32)((1u << (hd - i)) - 1);
-            __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + i);
-            for (int t = 0; t < 16; t++)
-                acc[t] = _mm512_dpbf16_ps(acc[t], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k + (j + t) * hd + i));
-        }
-        _mm512_storeu_ps(s + j, sum16(acc));
-    }
-    for (; j < n; j++) s[j] = dot_bf16(q, k + j * hd, hd);
-}
-
-/* o[d] += sum_j p[j] * v_j[d] over the n value rows v_j = v + j * hd, p bf16-exact. Two rows at a
- * time: their elements interleaved in pairs (unpacklo/hi_epi16, which order each 128-bit lane's
- * first and last four pairs apart) go through one dpbf16 with the pair (p_j, p_j+1); the lanes are
- * put back in order once at the end. hd <= 256: at most 8 chunks of 32. */
-static void own_values(const float *p, const bf16 *v, int64_t n, int hd, float *o) {
-    const int chunks = (hd + 31) / 32;
-    __m512 lo[8], hi[8];
-    for (int c = 0; c < chunks; c++) lo[c] = hi[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 2) {
-        const int two = n - j >= 2;
-        const uint32_t pair = (uint32_t)f32_to_bf16(p[j]) | ((uint32_t)(two ? f32_to_bf16(p[j + 1]) : 0) << 16);
-        const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pair);
-        const bf16 *a = v + j * hd, *b = a + hd;
-        for (int c = 0; c < chunks; c++) {
-            int left = hd - 32 * c;
-            __mmask32 m = left >= 32 ? (__mmask32)~0u : (__mmask32)((1u << left) - 1);
-            __m512i va = _mm512_maskz_loadu_epi16(m, a + 32 * c);
-            __m512i vb = two ? _mm512_maskz_loadu_epi16(m, b + 32 * c) : _mm512_setzero_si512();
-            lo[c] = _mm512_dpbf16_ps(lo[c], pp, (__m512bh)_mm512_unpacklo_epi16(va, vb));
-            hi[c] = _mm512_dpbf16_ps(hi[c], pp, (__m512bh)_mm512_unpackhi_epi16(va, vb));
-        }
-    }
-    /* lo[c] element 4L + e is dim 32c + 8L + e, hi[c]'s is dim 32c + 8L + 4 + e. */
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int c = 0; c < chunks; c++) {
-        __m512 d0 = _mm512_permutex2var_ps(lo[c], first, hi[c]), d1 = _mm512_permutex2var_ps(lo[c], second, hi[c]);
-        int left = hd - 32 * c;
-        __mmask16 m0 = tail16(left), m1 = tail16(left - 16 > 0 ? left - 16 : 0);
-        _mm512_mask_storeu_ps(o + 32 * c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, o + 32 * c), d0));
-        if (left > 16)
-            _mm512_mask_storeu_ps(o + 32 * c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, o + 32 * c + 16), d1));
-    }
-}
-
 /* Attention of the M = B x rep query rows that read kv head g (row m = b * rep + r is head
  * g * rep + r of batch row b), each over the shared prefix and its own keys [0, slot + 1), under
  * one softmax. The prefix part is two products on the packed prefix (scores = q K^T, then
@@ -458,7 +389,7 @@ static void attend_group(const Step *st, int l, int g, int B, int H, int rep, in
         const int64_t base = b * st->cache_row + g * st->cache_head;
         float *s = w->s + m * ld;
         const bf16 *qm = w->q + (int64_t)m * hd;
-        own_scores(qm, kc + base, span, hd, s + P);
+        for (int64_t j = 0; j < span; j++) s[P + j] = dot_bf16(qm, kc + base + j * hd, hd);
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16) {
             __mmask16 mk = tail16((int)(n - j < 16 ? n - j : 16));
@@ -490,9 +421,13 @@ static void attend_group(const Step *st, int l, int g, int B, int H, int rep, in
         const int b = m / rep;
         const int64_t span = st->slot[b] + 1, base = b * st->cache_row + g * st->cache_head;
         const float *s = w->s + m * ld;
-        own_values(s + P, vc + base, span, hd, w->o + (int64_t)m * hd);
         __m512 acc[16];
         for (int c = 0; c < chunks; c++) acc[c] = _mm512_maskz_loadu_ps(tail16(hd - 16 * c), w->o + (int64_t)m * hd + 16 * c);
+        for (int64_t j = 0; j < span; j++) {
+            const bf16 *row = vc + base + j * hd;
+            __m512 p = _mm512_set1_ps(s[P + j]);
+            for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load16(row + 16 * c, tail16(hd - 16 * c)), acc[c]);
+        }
         __m512 inv = _mm512_set1_ps(w->inv[m]);
         bf16 *out = att + ((int64_t)b * H + g * rep + m % rep) * hd;
         for (int c = 0; c < chunks; c++) store16(out + 16 * c, _mm512_mul_ps(acc[c], inv), tail16(hd - 16 * c));
