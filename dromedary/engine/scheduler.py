@@ -12,8 +12,9 @@ prompt is in.
 KV memory: rows live in a pool, one `KVCache` of (R, kv heads, S, head dim) per layer, R rows of S
 slots. The decoding rows hold pool rows [0, d) and the rows still prefilling [d, n), so a decoding
 pass reads a leading view of the buffers (contiguous, as native.py needs). A retired row's hole is
-filled by moving one live row into it (its written slots only), never by copying the pool; the pool
-grows (doubling, whole-pool copy) only when a longer or an extra row needs room, up to
+filled by moving one live row into it (its written slots only), never by copying the pool. The pool
+is allocated for every row that may be in flight and for the longest row about to be admitted, and
+regrown (at least doubling its slots, one whole-pool copy) only when a longer row comes, within
 `kv_budget_bytes`. Rows whose prompt starts with one of the engine's cached prefixes
 (`Engine.cache_prefix`, or the last block `Engine.generate` built) attend to it in place: there is
 one pool per prefix, each decoded in its own pass.
@@ -343,7 +344,6 @@ class Scheduler:
         order), several rows per pass: a pass of a few hundred tokens runs the products near
         their best rate, where one short prompt alone does not. A row whose prompt is complete
         joins the decoding rows with its first logits."""
-        eng = self.engine
         left = self.prefill_chunk
         for pool in self._pools.values():
             # Rows not started hold nothing in the cache, so they may be reordered freely: longest
@@ -494,10 +494,9 @@ class Scheduler:
                 src = movers.pop()
                 pool.move(src, dst)
                 order[dst] = src
-        # Prefilling rows follow at [new_dec, new_n). Those not started hold nothing in the cache
+        # Prefilling rows follow the decoding ones. Those not started hold nothing in the cache
         # and are placed by the list alone; the one part-way (at most one, see _prefill_pass)
         # must come first, and its slots move with it.
-        new_n = new_dec + len(pre_keep)
         waiting = [pool.rows[i] for i in pre_keep]
         part = [(i, r) for i, r in zip(pre_keep, waiting) if r.filled]
         if part:
