@@ -54,10 +54,11 @@ def mixed_requests(tokenizer, n=12):
     return out
 
 
-@pytest.mark.parametrize("in_flight", [1, 3, 5])
-def test_each_request_equals_its_run_alone(engine, tokenizer, in_flight):
+@pytest.mark.parametrize("in_flight, chunk", [(1, 512), (3, 512), (5, 512), (4, 7)])
+def test_each_request_equals_its_run_alone(engine, tokenizer, in_flight, chunk):
+    """chunk 7: prompts are prefilled 7 tokens per step, over several steps, beside decoding rows."""
     requests = mixed_requests(tokenizer)
-    done = list(Scheduler(engine, max_in_flight=in_flight).run(requests))
+    done = list(Scheduler(engine, max_in_flight=in_flight, prefill_chunk=chunk).run(requests))
     assert sorted(r.key for r in done) == list(range(len(requests)))
     for r in requests:
         assert same(r.result, alone(engine, r)), r.key

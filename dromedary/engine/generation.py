@@ -375,9 +375,11 @@ class Engine:
             if held:
                 stops = [i for i in self.tok.stop_ids if i < logits.shape[-1]]
                 logits[torch.tensor(held, device=logits.device)[:, None], torch.tensor(stops, device=logits.device)] = float("-inf")
-        _check_logits(logits, rows, step)
         if params.temperature == 0:
-            return logits.argmax(dim=-1)
+            top, picked = logits.max(dim=-1)  # the first of equal maxima, as argmax; one pass for both
+            _check_logits(logits, rows, step, top)
+            return picked
+        _check_logits(logits, rows, step)
         probs = torch.softmax(logits / params.temperature, dim=-1)
         if params.top_k:
             kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
@@ -596,10 +598,13 @@ def _compact(cache: KVCache, finished: Sequence[int], n_slots: int, span: int) -
     return keep
 
 
-def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int | Sequence[int]) -> None:
+def _check_logits(logits: torch.Tensor, rows: Sequence[int], step: int | Sequence[int],
+                  top: Optional[torch.Tensor] = None) -> None:
     """NaN (or +inf) logits sample the last id, and so do logits that exclude every token: both
-    are errors to report, not tokens. One reduction per step; it syncs where `chosen` does anyway."""
-    top = logits.max(dim=-1).values  # NaN if any NaN; -inf if every token is excluded
+    are errors to report, not tokens. One reduction per step (`top`, the rows' maxima, when the
+    caller has them); it syncs where `chosen` does anyway."""
+    if top is None:
+        top = logits.max(dim=-1).values  # NaN if any NaN; -inf if every token is excluded
     if bool(torch.isfinite(top).all()):
         return
     slot = int((~torch.isfinite(top)).nonzero()[0, 0])

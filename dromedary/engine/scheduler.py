@@ -12,8 +12,9 @@ prompt is in.
 KV memory: rows live in a pool, one `KVCache` of (R, kv heads, S, head dim) per layer, R rows of S
 slots. The decoding rows hold pool rows [0, d) and the rows still prefilling [d, n), so a decoding
 pass reads a leading view of the buffers (contiguous, as native.py needs). A retired row's hole is
-filled by moving one live row into it (its written slots only), never by copying the pool; the pool
-grows (doubling, whole-pool copy) only when a longer or an extra row needs room, up to
+filled by moving one live row into it (its written slots only), never by copying the pool. The pool
+is allocated for every row that may be in flight and for the longest row about to be admitted, and
+regrown (at least doubling its slots, one whole-pool copy) only when a longer row comes, within
 `kv_budget_bytes`. Rows whose prompt starts with one of the engine's cached prefixes
 (`Engine.cache_prefix`, or the last block `Engine.generate` built) attend to it in place: there is
 one pool per prefix, each decoded in its own pass.
@@ -339,26 +340,60 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ passes
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens, row by row in pool order (each row's chunks in
-        order); a row whose prompt is complete joins the decoding rows with its first logits."""
-        eng = self.engine
+        """Up to `prefill_chunk` prompt tokens in all, rows in pool order (each row's chunks in
+        order), several rows per pass: a pass of a few hundred tokens runs the products near
+        their best rate, where one short prompt alone does not. A row whose prompt is complete
+        joins the decoding rows with its first logits."""
         left = self.prefill_chunk
         for pool in self._pools.values():
+            # Rows not started hold nothing in the cache, so they may be reordered freely: longest
+            # first, so that the rows of a pass are alike and little of it is padding. At most one
+            # row is part-way (the last of a pass that ran out of tokens), and it stays first.
+            start = pool.n_dec + (pool.n_dec < len(pool.rows) and pool.rows[pool.n_dec].filled > 0)
+            assert all(r.filled == 0 for r in pool.rows[start:]), "a part-way prefill that is not first"
+            pool.rows[start:] = sorted(pool.rows[start:], key=lambda r: -len(r.own))
             while left > 0 and pool.n_dec < len(pool.rows):
-                i = pool.n_dec
-                row = pool.rows[i]
-                n = min(len(row.own) - row.filled, left)
-                chunk = row.own[row.filled : row.filled + n]
-                p_len = len(pool.prefix.tokens) if pool.prefix is not None else 0
-                positions = p_len + row.filled + torch.arange(n, device=eng.device)[None]
-                logits = eng.model(torch.tensor([chunk], device=eng.device), positions, pool.view(i, i + 1),
-                                   output_index=torch.tensor([n - 1], device=eng.device))[:, 0]
-                row.filled += n
-                left -= n
-                if row.filled < len(row.own):
-                    break  # the rest in the next step
-                pool.logits = logits if pool.logits is None else torch.cat([pool.logits, logits])
-                pool.n_dec += 1
+                left -= self._prefill_pass(pool, left)
+
+    def _prefill_pass(self, pool: _Pool, left: int) -> int:
+        """One pass over pool rows [n_dec, n_dec + k): each its next chunk, right-padded to the
+        longest (padding writes slots past the row's chunk, which nothing reads before the row's
+        own tokens overwrite them). Returns the prompt tokens it took."""
+        eng = self.engine
+        first, width = pool.n_dec, 0
+        chunks: list[int] = []
+        for i in range(first, len(pool.rows)):
+            row = pool.rows[i]
+            n = min(len(row.own) - row.filled, left - sum(chunks))
+            if n <= 0:
+                break
+            w = max(width, n)
+            # Padding must stay within every row's slots, and below a quarter of the pass.
+            rows = pool.rows[first : i + 1]
+            if chunks and (any(r.filled + w > pool.capacity[1] for r in rows)
+                           or w * len(rows) > 1.25 * (sum(chunks) + n)):
+                break
+            chunks.append(n)
+            width = w
+        k = len(chunks)
+        rows = pool.rows[first : first + k]
+        tokens = torch.zeros(k, width, dtype=torch.long, device=eng.device)
+        for b, (row, n) in enumerate(zip(rows, chunks)):
+            tokens[b, :n] = torch.tensor(row.own[row.filled : row.filled + n], device=eng.device)
+        p_len = len(pool.prefix.tokens) if pool.prefix is not None else 0
+        starts = torch.tensor([p_len + r.filled for r in rows], device=eng.device)
+        positions = starts[:, None] + torch.arange(width, device=eng.device)[None]
+        logits = eng.model(tokens, positions, pool.view(first, first + k),
+                           output_index=torch.tensor(chunks, device=eng.device) - 1)[:, 0]
+        done = 0
+        for row, n in zip(rows, chunks):
+            row.filled += n
+            done += row.filled == len(row.own)
+        # Only the last row can be part-way: the completed ones are the first `done`.
+        if done:
+            pool.logits = logits[:done] if pool.logits is None else torch.cat([pool.logits, logits[:done]])
+            pool.n_dec += done
+        return sum(chunks)
 
     def _sample(self, pool: _Pool, finished: list[Request]) -> None:
         eng = self.engine
@@ -459,13 +494,17 @@ class Scheduler:
                 src = movers.pop()
                 pool.move(src, dst)
                 order[dst] = src
-        # Prefilling rows: shift into [new_dec, new_dec + len(pre_keep)), moving the last ones.
-        new_n = new_dec + len(pre_keep)
-        free = [i for i in range(new_dec, new_n) if i not in pre_keep]
-        movers = [i for i in pre_keep if i >= new_n]
-        for dst in free:
-            pool.move(movers.pop(), dst)
-        del pool.rows[new_n:]
+        # Prefilling rows follow the decoding ones. Those not started hold nothing in the cache
+        # and are placed by the list alone; the one part-way (at most one, see _prefill_pass)
+        # must come first, and its slots move with it.
+        waiting = [pool.rows[i] for i in pre_keep]
+        part = [(i, r) for i, r in zip(pre_keep, waiting) if r.filled]
+        if part:
+            src, row = part[0]
+            if src != new_dec:
+                pool.move(src, new_dec)
+            waiting = [row] + [r for r in waiting if r is not row]
+        pool.rows[new_dec:] = waiting
         # The per-decoding-row tensors follow their rows (a cancel comes between a pass and the
         # sampling of its logits).
         for name in ("chosen", "logits"):
