@@ -265,10 +265,13 @@ def w4_vllm(hf_dir: Path, tokenizer: Path, reqs, threads: int):
     except Exception as e:  # noqa: BLE001 - any import failure means "not measured"
         return None, f"not measured (import vllm: {type(e).__name__}: {str(e)[:80]})"
     try:
-        llm = LLM(model=str(hf_dir), tokenizer=str(tokenizer.parent), dtype="bfloat16", max_num_seqs=len(reqs),
-                  enforce_eager=False)
+        # Token ids in and out: no tokenizer (ours is a SentencePiece file, not an HF folder). On
+        # CPU the memory share is of host memory; vLLM's default (0.92) fails beside anything else.
+        llm = LLM(model=str(hf_dir), skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=len(reqs),
+                  enforce_eager=False, gpu_memory_utilization=0.3 if not torch.cuda.is_available() else 0.9)
         prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-        params = [VllmParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0) for _, n in reqs]
+        params = [VllmParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+                  for _, n in reqs]
         llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
         start, cpu = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
