@@ -259,7 +259,9 @@ def test_a_conversation_in_the_browser(live, driver, downloads, tmp_path):
     # Reset forgets the turns; a custom system prompt is sent as the request's own.
     d.find_element("id", "reset").click()
     assert [m["kind"] for m in shown(d)] == ["note"]
+    assert not d.find_element("id", "custom-system").is_displayed()
     choose_system(d, "custom")
+    assert d.find_element("id", "custom-system").is_displayed()
     custom = "You are a camel. Answer in one word."
     d.find_element("id", "custom-system").send_keys(custom)
     set_field(d, "max-tokens", 8)
