@@ -277,8 +277,10 @@ class Exchange(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ writing
     def send_json(self, status: int, obj: Any) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        self._write_head(status, {"Content-Type": "application/json", "Content-Length": str(len(data))})
+        self.send_bytes(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers: Optional[dict[str, str]] = None) -> None:
+        self._write_head(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})})
         self._write(data)
 
     def start_events(self) -> None:

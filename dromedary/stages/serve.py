@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..engine import server
+from ..engine import chat_page, server
 from ..engine.builder import build
 from ..engine.generation import Engine
 from ..engine.openai_api import ModelCard
@@ -42,6 +42,9 @@ def serve(
     log_requests: bool = True,
 ) -> None:
     """Serve a model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models.
+
+    A browser chat page is at / (http://HOST:PORT/): streaming answers, stop, reset, system prompts,
+    temperature, max tokens and a transcript download in chat's /save format.
 
     Any OpenAI client works: point its base URL at http://HOST:PORT/v1. Requests share the model
     through continuous batching; answers stream as server-sent events with "stream": true. Prints
@@ -94,12 +97,14 @@ def serve(
     row_tokens = None if budget is None else budget // loop.sched.slot_bytes
     card = ModelCard(name, loaded.tokenizer, engine.max_seq_len, system_text, assistant_name, row_tokens)
     app = server.App(card, loop, api_key=api_key, log_requests=log_requests)
+    chat_page.install(app, chat_page.info(card, system=system, checkpoint=None if ckpt_dir is None else str(loaded.path),
+                                          adapter=None if adapter is None else str(adapter)))
     if host not in LOOPBACK and api_key is None:
         print(f"dromedary serve: warning: listening on {host} with no API key: anyone who can reach this port "
               "can use the model (set --api_key)", file=sys.stderr, flush=True)
 
     def ready(url: str) -> None:
-        print(f"dromedary serve: {name} at {url}/v1 (context window {card.window} tokens, "
+        print(f"dromedary serve: {name} at {url}/v1, chat page at {url}/ (context window {card.window} tokens, "
               f"{max_batch_size} sequences in flight); Ctrl-C stops", flush=True)
 
     try:
