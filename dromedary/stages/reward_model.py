@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -191,6 +192,7 @@ def reward_model(
                disable=not world.is_main, file=sys.stderr)
     meta = {"ckpt_dir": ckpt_dir, "tokenizer_path": tokenizer_path, "max_len": max_len,
             "principles": principles, "sft_adapter": adapter}
+    kill_after = int(os.environ.get("DROMEDARY_KILL_AFTER_STEP", 0))  # tests: a real SIGKILL mid-run
     for step in range(start, total_steps):
         model.train()
         batch = [train_data[i] for i in order.batch(step, batch_size, end=total_samples)]
@@ -214,6 +216,8 @@ def reward_model(
         bar.update(1)
         if done or (save_steps and (step + 1) % save_steps == 0):
             _save(out, step + 1, model, head, opt, sched, named, world, options, loaded.name, meta)
+        if kill_after and step + 1 == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     report = instructability(model, head, tok, held, dims, max_len, micro_batch_size, world, autocast)
     if world.is_main:
