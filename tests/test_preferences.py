@@ -108,7 +108,13 @@ def test_greedy_answers_are_identical_and_dropped(default_model, prompts, tmp_pa
     out = tmp_path / "p.jsonl"
     assert main(["preferences", "--input", prompts, "--output", out, *FLAGS, "--temperature", 0]) == 0
     assert out.read_text() == ""
-    assert "dropped (identical)" in capsys.readouterr().err
+    assert "(identical)" in capsys.readouterr().err
+    dropped = read_jsonl(tmp_path / "p.rejected.jsonl")
+    assert [r["id"] for r in dropped] == [f"p{i}" for i in range(N)]
+    assert all(r["reject_reason"] == "identical" and r["output_1"] == r["output_2"] for r in dropped)
+    # Dropped pairs count as done: a rerun loads no model.
+    assert main(["preferences", "--input", prompts, "--output", out, *FLAGS, "--temperature", 0]) == 0
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_a_run_cut_short_resumes_to_what_one_run_writes(reference, prompts, tmp_path, capsys):
@@ -144,3 +150,14 @@ def test_torchrun_data_parallel_2_matches_one_process(reference, prompts, tmp_pa
     run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), "-m", "dromedary", "preferences",
                       "--input", prompts, "--output", out, "--model_parallel_size", 1, *FLAGS], timeout=400)
     assert read_jsonl(out) == read_jsonl(reference)
+
+
+def test_torchrun_model_parallel_2_matches_one_process(reference, prompts, tmp_path):
+    out = tmp_path / "p.jsonl"
+    run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), "-m", "dromedary", "preferences",
+                      "--input", prompts, "--output", out, "--model_parallel_size", 2, *FLAGS], timeout=400)
+    got, want = read_jsonl(out), read_jsonl(reference)
+    assert [(r["id"], r["output_1"], r["output_2"]) for r in got] == [(r["id"], r["output_1"], r["output_2"]) for r in want]
+    for a, b in zip(got, want):
+        for d in b["scores"]:
+            assert a["scores"][d] == pytest.approx(b["scores"][d], abs=1e-3)

@@ -14,17 +14,19 @@ eval.scoring.Scorer: their common header is cached once, and the long part a pai
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections import Counter
 from typing import Optional
 
-from .. import records
+from .. import distributed, records
 from ..engine import builder
 from ..engine.backends import open_engine, open_scheduler
 from ..engine.generation import Engine, SamplingParams, refuse_overlong, row_seed
 from ..engine.scheduler import Request, kv_budget_bytes
 from ..eval.scoring import Scorer
-from ..jobs import RecordJob, already_done
+from ..jobs import RecordJob, check_resume
 from ..recipe import preferences as salmon
 from ..recipe import templates, textfilters
 
@@ -32,6 +34,7 @@ from ..recipe import templates, textfilters
 def preferences(
     input: str,
     output: str,
+    rejected: Optional[str] = None,
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
@@ -58,13 +61,14 @@ def preferences(
     Each record is the prompt record plus output_1, output_2, scores {dimension: [s12, s21]} (the
     judge's log-probability margin for output_1, read with output_1 first and then second),
     `model`, `judge` and `prompt_version`. A pair where either answer has fewer than MIN_WORDS
-    words or the two are the same is dropped (its id and reason go to stderr; a rerun draws the
-    same answers and drops it again). Resumable, and data/model parallel under torchrun like
+    words or the two are the same is dropped: the prompt record + output_1, output_2 and
+    reject_reason go to REJECTED. Resumable (ids in OUTPUT or REJECTED are skipped), and data/model parallel under torchrun like
     self-align; each answer samples from a seed derived from SEED, the id and its number.
 
     Args:
       input: JSONL prompt records {"id", "instruction", "input", "source"}.
       output: JSONL file to append preference records to.
+      rejected: JSONL file for the dropped pairs. Default: OUTPUT with .jsonl replaced by .rejected.jsonl.
       ckpt_dir: the base model (Meta, HF or GGUF). Default: the embedded tiny model.
       tokenizer_path: tokenizer file. Default: CKPT_DIR's own.
       adapter: the policy's LoRA adapter (finetune's output, the engraved model).
@@ -103,7 +107,12 @@ def preferences(
     version = records.record_digest({"system": system_text, "judge": salmon.judge_prompt("{i}", "", "{a}", "{b}", dims[0]),
                                      "principles": [vars(p) for p in dims]})
     fingerprint = {"prompt_version": version}
-    if already_done(output, inputs, overwrite, options, fingerprint):
+    rejected = rejected or (output[: -len(".jsonl")] if output.endswith(".jsonl") else output) + ".rejected.jsonl"
+    if os.path.abspath(rejected) == os.path.abspath(output):
+        raise ValueError("--rejected must be a different file from --output")
+    if not overwrite:  # a resume of pairs made differently stops here, before the model loads
+        check_resume(output, inputs, options, fingerprint, also_done=[rejected])
+    if _all_done(output, rejected, inputs, overwrite):
         return
 
     def policy_prompt(r: dict) -> str:
@@ -132,9 +141,19 @@ def preferences(
     scheduler = open_scheduler(engine, max_in_flight=max_batch_size, kv_budget_bytes=budget)
     sample = policy_prompt({"instruction": "", "input": ""})
     shared = sample[: sample.index(templates.user_marker()) + len(templates.user_marker()) + 1]
+    world = loaded.world
+    # The rejected file is resumed and sharded like the output: cleared once, scanned by every
+    # rank before any rank writes, merged by rank 0 at the end.
+    if overwrite and world.is_main:
+        records.clear_output(rejected)
+    distributed.barrier()
+    done_rejected = records.scan_done_ids(rejected)
+    todo = [r for r in inputs if r["id"] not in done_rejected]
+    reject_writer = records.open_output(rejected, shard=(world.dp_rank, world.dp_size)) if world.is_group_writer else None
     dropped: Counter = Counter()
-    with RecordJob(output, inputs, loaded.world, overwrite=overwrite, options=options, model=loaded.name,
-                   desc="preferences", unit="pair", fingerprint=fingerprint) as job:
+    with RecordJob(output, todo, world, overwrite=overwrite, options=options, model=loaded.name,
+                   desc="preferences", unit="pair", fingerprint=fingerprint, resume_inputs=inputs,
+                   also_done=[rejected]) as job, (reject_writer or contextlib.nullcontext()):
         for chunk in job.batches(chunk_size):
             engine.cache_prefix(shared)  # the system prompt, computed once for both answers of every record
             requests = [Request(policy_prompt(r), params, seed=row_seed(seed, f"{r['id']}:{k}"), key=(r["id"], k))
@@ -149,16 +168,32 @@ def preferences(
                 reason = drop_reason(a, b, min_words)
                 if reason:
                     dropped[reason] += 1
-                    if loaded.world.is_group_writer:
-                        print(f"preferences: {r['id']}: dropped ({reason})", file=sys.stderr)
+                    if reject_writer is not None:
+                        reject_writer.write({**r, "output_1": a, "output_2": b, "reject_reason": reason})
                 else:
                     pairs.append({**r, "output_1": a, "output_2": b})
             for pair, scores in zip(pairs, judge_scores(scorer, pairs, dims)):
                 job.write({**pair, "scores": scores, "model": loaded.name, "judge": judge_name,
                            "prompt_version": version})
             job.advance(len(chunk), tokens=tokens)
-    if dropped and loaded.world.is_main and loaded.world.dp_size == 1:
-        print("preferences: dropped " + ", ".join(f"{n} ({why})" for why, n in dropped.most_common()), file=sys.stderr)
+    distributed.barrier()
+    if world.is_main:
+        records.merge_shards(rejected, order=[r["id"] for r in inputs])
+    if dropped and world.is_main and world.dp_size == 1:  # under data parallelism each group knows only its share
+        print("preferences: dropped " + ", ".join(f"{n} ({why})" for why, n in dropped.most_common())
+              + f" -> {rejected}", file=sys.stderr)
+
+
+def _all_done(output: str, rejected: str, inputs: list[dict], overwrite: bool) -> bool:
+    """True (and says so) when OUTPUT and REJECTED hold every input id: checked before the model loads."""
+    if overwrite or records.shard_files(output) or records.shard_files(rejected):
+        return False
+    done = records.scan_done_ids(output) | records.scan_done_ids(rejected)
+    if records.pending(inputs, done):
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:  # before the process groups exist: torchrun's rank
+        print(records.resume_message(output, len(inputs), 0), file=sys.stderr)
+    return True
 
 
 def drop_reason(a: str, b: str, min_words: int) -> Optional[str]:
