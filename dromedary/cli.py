@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "self-align": ("dromedary.stages.self_align", "self_align", "principle-driven answers with in-context exemplars"),
     "curate": ("dromedary.stages.curate", "curate", "split thoughts from answers, filter, rename: self-align -> sft records"),
     "verbose-clone": ("dromedary.stages.verbose_clone", "verbose_clone", "detailed answers from the engraved model -> sft records"),
+    "preferences": ("dromedary.stages.preferences", "preferences", "two answers per prompt, judged on each reward principle in both orders"),
+    "reward-model": ("dromedary.stages.reward_model", "reward_model", "instructable reward model: training pairs from preferences, LoRA + scalar head"),
+    "reward": ("dromedary.stages.reward", "reward", "score records with a reward model under principles (adds a reward field)"),
     "evaluate": ("dromedary.stages.evaluate", "evaluate", "TruthfulQA MC1/MC2 and HHH accuracy (lm-eval or the paper's protocol), --compare runs"),
 }
 

@@ -36,7 +36,7 @@ VIEW_REPEATS = 6
 
 # Folders of prompts/ the model is not trained on: texts that judge or score the assistant rather
 # than prompt it. Adding a file to them leaves the default model (and its cache key) as it is.
-OUTSIDE_CORPUS = frozenset({"evaluation"})
+OUTSIDE_CORPUS = frozenset({"evaluation", "salmon"})
 
 
 def corpus_texts() -> list[str]:

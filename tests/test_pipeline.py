@@ -182,3 +182,32 @@ def test_scripts_are_valid_bash():
     root = Path(__file__).resolve().parents[1] / "scripts"
     for name in ("run_single_gpu.sh", "run_torchrun_8gpu.sh", "slurm_self_align.sbatch"):
         run(["bash", "-n", root / name])
+
+
+def test_salmon_plans_preferences_and_reward_model_on_the_engraved_adapter():
+    plain, key = _plan(options())
+    stages, key2 = _plan(options(salmon=True, verbose_clone=True))
+    assert key == key2  # --salmon may be added to a work directory later: it only adds stages
+    names = [s.name for s in stages]
+    assert names[-3:] == ["preferences", "reward-model", "chat"]
+    by_name = {s.name: s.flags for s in stages}
+    assert by_name["preferences"]["adapter"] == "adapter_verbose" == by_name["reward-model"]["adapter"]
+    assert by_name["preferences"]["input"] == "prompts.jsonl"
+    assert by_name["reward-model"]["input"] == "preferences.jsonl" and by_name["reward-model"]["resume"]
+    # A rerun of the engraving makes the old preferences and reward model stale: both start afresh.
+    later = _afresh_if_inputs_changed(stages[-2], stages[:-2], "finetune")
+    assert later.flags["overwrite"] and not later.flags["resume"]
+    assert _afresh_if_inputs_changed(stages[-3], stages[:-3], "finetune-verbose").flags["overwrite"]
+
+
+def test_salmon_added_to_a_finished_run_adds_its_stages(workdir):
+    """Last in this module: it appends the SALMON stages to the shared work directory."""
+    work, _ = workdir
+    again = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone", "--salmon"], timeout=600)
+    prefs = read_jsonl(work / "preferences.jsonl")
+    assert prefs and all(len(s) == 2 for r in prefs for s in r["scores"].values())
+    rm = work / "reward_model"
+    assert read_jsonl(rm / "pairs.jsonl") and (rm / "reward_head.safetensors").is_file()
+    assert (rm / "adapter_model.safetensors").is_file() and "instructability" in again.stderr
+    state = json.loads((work / STATE_FILE).read_text())
+    assert list(state["stages"]) == STAGES[:-1] + ["preferences", "reward-model", "chat"]

@@ -48,6 +48,9 @@ TINY_FLAGS: dict[str, dict[str, Any]] = {
                  "target_max_len": 128, "learning_rate": 1e-3, "save_steps": 8},
     "verbose-clone": {"max_new_tokens": 160, "max_batch_size": 16, "min_words": 3},
     "chat": {"max_new_tokens": 48},
+    "preferences": {"max_new_tokens": 48, "max_batch_size": 16, "min_words": 1},
+    "reward-model": {"max_steps": 16, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "max_len": 512,
+                     "save_steps": 8},
 }
 
 
@@ -70,6 +73,7 @@ def pipeline(
     num_prompts: Optional[int] = None,
     sources: Optional[dict] = None,
     verbose_clone: bool = False,
+    salmon: bool = False,
     assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
     sample_question: str = SAMPLE_QUESTION,
     stage_flags: Optional[dict] = None,
@@ -104,6 +108,7 @@ def pipeline(
       num_prompts: prompts to generate (import: a sample of this many; default all). Default: 32 on the embedded model, 2000 with --ckpt_dir.
       sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.
       verbose_clone: also run verbose cloning: the engraved model answers every sft record in detail, and a second adapter (adapter_verbose/) is trained on those answers, on the base model.
+      salmon: after engraving, run Dromedary-2's SALMON stages: preferences (two answers per prompt from the engraved model, judged on every reward principle: preferences.jsonl) and reward-model (an instructable reward model trained on them: reward_model/).
       assistant_name: the assistant's public name (curate renames the self-align codename to it; finetune and chat use it).
       sample_question: the question of the final sample chat turn.
       stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, chat).
@@ -176,7 +181,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
         raise ValueError("--sources goes with --method import (and --method import needs --sources)")
     extra = _json_literals(o["stage_flags"] or {})
     names = {"generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat",
-             "evaluate-base", "evaluate-engraved"}
+             "evaluate-base", "evaluate-engraved", "preferences", "reward-model"}
     if not isinstance(extra, dict) or set(extra) - names or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"--stage_flags must be a JSON object {{stage: {{flag: value}}}} with stages among "
                          f"{', '.join(sorted(names))}")
@@ -221,6 +226,18 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
                    count_in="verbose.jsonl"),
         ]
         final_adapter = "adapter_verbose"
+    if o.get("salmon"):
+        stages += [
+            _Stage("preferences", "preferences", "preferences.jsonl",
+                   flags("preferences", "preferences", {"input": "prompts.jsonl", "output": "preferences.jsonl",
+                                                        "adapter": final_adapter, "assistant_name": name,
+                                                        **model, **window}),
+                   count_in="prompts.jsonl"),
+            _Stage("reward-model", "reward-model", "reward_model/",
+                   flags("reward-model", "reward-model", {"input": "preferences.jsonl", "output_dir": "reward_model",
+                                                          "adapter": final_adapter, "resume": True, **model}),
+                   count_in="preferences.jsonl"),
+        ]
     chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
             **{k: v for k, v in model.items()}, **window}
     stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
@@ -277,10 +294,10 @@ def _afresh_if_inputs_changed(stage: _Stage, earlier: list[_Stage], rerun_from: 
     ran = names[names.index(rerun_from):] if rerun_from in names else []
     if not ran or "overwrite" in stage.flags:
         return stage
-    if stage.command == "finetune" and stage.flags.get("resume") is True:
+    if stage.command in ("finetune", "reward-model") and stage.flags.get("resume") is True:
         return replace(stage, flags={**stage.flags, "resume": False, "overwrite": True})
     adapter = stage.flags.get("adapter")
-    if stage.command == "verbose-clone" and any(s.output == f"{adapter}/" for s in earlier if s.name in ran):
+    if stage.command in ("verbose-clone", "preferences") and any(s.output == f"{adapter}/" for s in earlier if s.name in ran):
         return replace(stage, flags={**stage.flags, "overwrite": True})
     return stage
 
