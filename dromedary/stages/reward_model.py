@@ -155,8 +155,6 @@ def reward_model(
     if not resume:
         _prepare_output(out, overwrite)
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        records.write_jsonl_atomic(out / "pairs.jsonl", pairs, overwrite=True)
         print(f"reward-model: {len(pairs)} pairs from {len(prefs)} preference records ({len(train)} train, "
               f"{len(held)} held out); " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "pairs"),
               file=sys.stderr)
@@ -164,6 +162,11 @@ def reward_model(
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, adapter=adapter, model_parallel_size=model_parallel_size,
                    seed=seed, dtype=dtype, max_seq_len=max_len, train=True)
     world, model, tok = loaded.world, loaded.model, loaded.tokenizer
+    # Written only now: build() joined every rank, so each has checked the directory above before
+    # anything lands in it (a rank checking after rank 0 wrote would see it "not empty").
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        records.write_jsonl_atomic(out / "pairs.jsonl", pairs, overwrite=True)
     if not lora.padding_is_harmless(loaded.source_args, world.mp_size):
         raise ValueError(lora._padding_message(loaded.source_args, world.mp_size))
     if not adapter:
