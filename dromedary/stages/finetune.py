@@ -156,7 +156,7 @@ def finetune(
     params = [p for _, p, _ in named]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     warmup = math.ceil(warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
 
     start = _restore(resume_from, opt, sched, named, world)
     if start >= total_steps:
@@ -164,7 +164,7 @@ def finetune(
         _publish(out, total_steps, world, provenance=None)  # in case a crash came between the two
         return
     out.mkdir(parents=True, exist_ok=True)
-    log = _open_log(out / "train_log.jsonl", start, world)
+    log = open_log(out / "train_log.jsonl", start, world)
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
                 if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
     order = sft.DataOrder(len(train_data), seed)
@@ -290,13 +290,14 @@ def _split(recs: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
     return [r for r in recs if r["id"] not in held], [r for r in recs if r["id"] in held]
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total` (finetune, reward-model)."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _open_log(path: Path, start: int, world):
+def open_log(path: Path, start: int, world):
     """Append-only JSONL log; on resume, entries past the checkpoint (work that is redone) are dropped."""
     if world.is_main and path.exists():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]

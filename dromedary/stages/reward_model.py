@@ -33,6 +33,7 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import preferences as salmon
 from ..recipe import sft
+from .finetune import lr_factor, open_log
 
 _RESUME_KEYS = ("passes", "max_principles", "geometric_p", "negate_p", "language_rule", "disclaimer_rule",
                 "label_noise", "eval_fraction", "max_len", "lora_r", "lora_alpha", "lora_dropout",
@@ -178,7 +179,7 @@ def reward_model(
     params = [p for _, p, _ in named]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     warmup = math.ceil(warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
     encode = lambda p: _encode_pair(tok, p, max_len)  # noqa: E731
     train_data, held_data = [encode(p) for p in train], [encode(p) for p in held]
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
@@ -189,7 +190,7 @@ def reward_model(
         if world.is_main:
             print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
         return
-    log = _open_log(out / "train_log.jsonl", start, world)
+    log = open_log(out / "train_log.jsonl", start, world)
     order = sft.DataOrder(len(train_data), seed)
     bar = tqdm(total=total_steps, initial=start, desc="reward-model", unit="step", dynamic_ncols=True,
                disable=not world.is_main, file=sys.stderr)
@@ -358,12 +359,6 @@ def _split(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], l
             [p for p in pairs if p["id"].rsplit("#", 1)[0] in held])
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
@@ -385,19 +380,6 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                 for path in old:
                     os.replace(path, backup / path.name)
                 print(f"{out}: --overwrite: moved the old outputs to {backup}", file=sys.stderr)
-
-
-def _open_log(path: Path, start: int, world):
-    if world.is_main and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def log(entry: dict) -> None:
-        if world.is_main:
-            with path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    return log
 
 
 def _save(out: Path, step: int, model, head, opt, sched, named, world, options: dict, base: str, meta: dict) -> None:
