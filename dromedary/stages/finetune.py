@@ -158,7 +158,7 @@ def finetune(
     warmup = math.ceil(warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_steps))
 
-    start = _restore(resume_from, opt, sched, named, world)
+    start = restore(resume_from, opt, sched, named, world)
     if start >= total_steps:
         print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
         _publish(out, total_steps, world, provenance=None)  # in case a crash came between the two
@@ -366,14 +366,15 @@ def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
     return done[-1]
 
 
-def _restore(path: Optional[Path], opt, sched, named, world) -> int:
-    """Load this rank's LoRA shards, optimizer, scheduler and RNG; returns the checkpoint's step."""
+def restore(path: Optional[Path], opt, sched, named, world, *, params_key: str = "lora") -> int:
+    """Load this rank's trained parameters (`state[params_key]`: the LoRA shards, and for
+    reward-model its head too), optimizer, scheduler and RNG; returns the checkpoint's step."""
     if path is None:
         return 0
     state = torch.load(path / f"state.mp{world.mp_rank:02d}.pt", map_location="cpu", weights_only=True)
     with torch.no_grad():
         for name, p, _ in named:
-            p.copy_(state["lora"][name])
+            p.copy_(state[params_key][name])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])

@@ -33,7 +33,7 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import preferences as salmon
 from ..recipe import sft
-from .finetune import lr_factor, open_log
+from .finetune import lr_factor, open_log, restore
 
 _RESUME_KEYS = ("passes", "max_principles", "geometric_p", "negate_p", "language_rule", "disclaimer_rule",
                 "label_noise", "eval_fraction", "max_len", "lora_r", "lora_alpha", "lora_dropout",
@@ -185,7 +185,7 @@ def reward_model(
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
                 if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
 
-    start = _restore(resume_from, opt, sched, named, world)
+    start = restore(resume_from, opt, sched, named, world, params_key="params")
     if start >= total_steps:
         if world.is_main:
             print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
@@ -426,20 +426,3 @@ def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
     if meta["model_parallel_size"] != (options["model_parallel_size"] or int(os.environ.get("WORLD_SIZE", 1))):
         raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")
     return done[-1]
-
-
-def _restore(path: Optional[Path], opt, sched, named, world) -> int:
-    if path is None:
-        return 0
-    state = torch.load(path / f"state.mp{world.mp_rank:02d}.pt", map_location="cpu", weights_only=True)
-    with torch.no_grad():
-        for name, p, _ in named:
-            p.copy_(state["params"][name])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if world.is_main:
-        print(f"{path.parent.parent}: resuming from step {state['step']}", file=sys.stderr)
-    return state["step"]
