@@ -3,7 +3,9 @@
 `build()` joins the torchrun world (or makes a one-process one), picks device and dtype, resolves
 the checkpoint (the embedded default when none is given), loads this rank's shard of the weights
 into a model built on the meta device (so no memory is spent on a throwaway init), and applies a
-LoRA adapter when asked.
+LoRA adapter when asked: `adapter` as LoRA layers (trainable with `train`), `merge_adapter` folded
+into the base weights as they load (the policy stages: the engraved model becomes the frozen base,
+and a fresh adapter on top of it can be switched off to give the reference model).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def build(
     *,
     tokenizer_path: Optional[str] = None,
     adapter: Optional[str] = None,
+    merge_adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
     seed: int = 0,
     dtype: Optional[str] = None,
@@ -99,13 +102,21 @@ def build(
             f"{source.vocab_size} embedding rows"
         )
     reader.set_window(max_seq_len)  # also refuses a window past a sliding-window span
-    args, tensors = checkpoint.local_state(reader, world.mp_rank, world.mp_size, dtype=torch_dtype, device=world.device)
+    adjust = None
+    if merge_adapter:  # W + s * B A folded into the base weights as they load: no LoRA layers, no extra copy
+        from ..llama.lora import merge_function
+
+        adjust = merge_function(merge_adapter, source)
+    args, tensors = checkpoint.local_state(reader, world.mp_rank, world.mp_size, dtype=torch_dtype, device=world.device,
+                                           adjust=adjust)
     with torch.device("meta"):
         model = Transformer(args, rope_table=rope.model_table)
     model.load_state_dict(dict(tensors), assign=True, strict=True)
     del reader
     model.requires_grad_(False)
     name = str(path)
+    if merge_adapter:
+        name += f" + merged adapter {merge_adapter}"
     if adapter:
         from ..llama.lora import load_adapter
 

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -187,6 +188,23 @@ def init_lora(model: nn.Module, seed: int, world: distributed.World) -> None:
         with torch.no_grad():
             a.copy_(full)
             layer.lora_B[ADAPTER].weight.zero_()
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block the model runs without its LoRA updates: the base alone (the reference
+    model of the policy stages, without a second copy of the weights). peft's
+    `enable_adapters(False)` would also clear the factors' requires_grad, so the flag is set
+    directly and restored as it was."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer._disable_adapters = was
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter, Optional[int]]]:

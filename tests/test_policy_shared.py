@@ -1,0 +1,72 @@
+"""The pieces dpo and rl share: the engraving merged into the base, the adapter switched off for
+the reference, and answer-token log-probabilities (checked against a direct log_softmax)."""
+
+import torch
+import torch.nn.functional as F
+
+from dromedary import distributed
+from dromedary.engine.builder import build
+from dromedary.llama import lora
+from dromedary.recipe import policy, sft
+
+
+def _batch(tok):
+    pairs = [("### User:\nName a colour.\n\n### Assistant:", " Blue, like the sky."),
+             ("### User:\nSay hi.\n\n### Assistant:", " Hi!")]
+    data = [sft.encode(tok, s, t, source_max_len=64, target_max_len=32, add_eos=True) for s, t in pairs]
+    return sft.collate(data, "cpu")
+
+
+def _random_adapter(model, seed):
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("wq", "wv", "w2"))
+    lora.init_lora(model, seed, distributed.world())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p, _ in lora.trainable(model):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_token_logprobs_match_a_direct_log_softmax():
+    loaded = build(None, dtype="fp32")
+    tokens, labels = _batch(loaded.tokenizer)
+    logp, mask, ent = policy.token_logprobs(loaded.model, tokens, labels, entropy=True)
+    with torch.no_grad():
+        full = F.log_softmax(loaded.model(tokens[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+    target = labels[:, 1:]
+    assert torch.equal(mask, target != sft.IGNORE)
+    want = full.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
+    want_ent = -(full.exp() * full).sum(-1) * mask
+    torch.testing.assert_close(ent, want_ent, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(policy.sequence_logprobs(loaded.model, tokens, labels), want.sum(-1), atol=1e-4, rtol=1e-5)
+
+
+def test_adapters_off_is_the_base_and_restores(tmp_path):
+    base = build(None, dtype="fp32")
+    tokens, labels = _batch(base.tokenizer)
+    with torch.no_grad():
+        want = base.model(tokens)
+    _random_adapter(base.model, 3)
+    with torch.no_grad():
+        on = base.model(tokens)
+        with lora.adapters_off(base.model):
+            off = base.model(tokens)
+        again = base.model(tokens)
+    assert not torch.allclose(on, want, atol=1e-3)
+    torch.testing.assert_close(off, want, atol=0, rtol=0)
+    torch.testing.assert_close(again, on, atol=0, rtol=0)
+    assert all(p.requires_grad for _, p, _ in lora.trainable(base.model))  # still trainable after the block
+
+
+def test_merged_adapter_equals_the_adapter_as_layers(tmp_path):
+    loaded = build(None, dtype="fp32")
+    _random_adapter(loaded.model, 5)
+    lora.write_adapter(tmp_path, lora.full_state(loaded.model, loaded.world), loaded.model, loaded.name)
+    tokens, labels = _batch(loaded.tokenizer)
+    as_layers = build(None, dtype="fp32", adapter=str(tmp_path))
+    merged = build(None, dtype="fp32", merge_adapter=str(tmp_path))
+    assert not list(lora.lora_layers(merged.model))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(tokens), as_layers.model(tokens), atol=1e-4, rtol=1e-4)
+    assert "merged adapter" in merged.name
