@@ -70,3 +70,27 @@ def test_merged_adapter_equals_the_adapter_as_layers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged.model(tokens), as_layers.model(tokens), atol=1e-4, rtol=1e-4)
     assert "merged adapter" in merged.name
+
+
+def test_stacked_adapter_equals_the_upper_adapter_on_the_merged_lower(tmp_path):
+    lower, upper, stacked = tmp_path / "sft", tmp_path / "dpo", tmp_path / "stacked"
+    first = build(None, dtype="fp32")
+    _random_adapter(first.model, 7)
+    lora.write_adapter(lower, lora.full_state(first.model, first.world), first.model, first.name)
+    second = build(None, dtype="fp32", merge_adapter=str(lower))
+    lora.add_lora(second.model, r=2, alpha=5, dropout=0.0, targets=("wk", "wv", "w1"))  # other rank, other modules
+    lora.init_lora(second.model, 9, second.world)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p, _ in lora.trainable(second.model):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora.write_adapter(upper, lora.full_state(second.model, second.world), second.model, second.name)
+    lora.stack_adapters(stacked, lower, upper, "base")
+    tokens, _ = _batch(first.tokenizer)
+    with torch.no_grad():
+        want = second.model(tokens)
+        got = build(None, dtype="fp32", adapter=str(stacked)).model(tokens)
+        lower_only = build(None, dtype="fp32", adapter=str(lower)).model(tokens)
+    assert not torch.allclose(want, lower_only, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -343,6 +343,42 @@ def read_adapter(adapter_dir) -> tuple[dict, dict[tuple[int, str], dict[str, tor
     return cfg, factors
 
 
+def stack_adapters(out_dir, lower, upper, base: str) -> None:
+    """Write one adapter equal to applying LOWER and then UPPER: W + s1 B1 A1 + s2 B2 A2.
+
+    The policy stages train UPPER on the base with LOWER (the engraving) merged in; the stacked
+    adapter applies to the plain base, so HF peft, `chat`, `generate` and `evaluate` take it like
+    any other. The sum is exact as one LoRA of rank r1 + r2: A = [A1; A2], B = [s1 B1, s2 B2],
+    scaling 1 (lora_alpha = r). A projection only one of them adapts gets zero factors from the other.
+    """
+    from safetensors.torch import save_file
+
+    parts = []
+    for adapter_dir in (lower, upper):
+        cfg, factors = read_adapter(adapter_dir)
+        parts.append((cfg["r"], _scaling(cfg), factors))
+    keys = sorted(set(parts[0][2]) | set(parts[1][2]), key=lambda k: (k[0], list(MODULES).index(k[1])))
+    state = {}
+    for i, short in keys:
+        present = next(f[(i, short)] for _, _, f in parts if (i, short) in f)
+        rows, cols = present["B"].shape[0], present["A"].shape[1]
+        a_parts, b_parts = [], []
+        for r, scale, factors in parts:
+            f = factors.get((i, short))
+            a_parts.append(f["A"] if f else torch.zeros(r, cols))
+            b_parts.append(scale * f["B"] if f else torch.zeros(rows, r))
+        state[_hf_key(i, short, "A")] = torch.cat(a_parts, 0).contiguous()
+        state[_hf_key(i, short, "B")] = torch.cat(b_parts, 1).contiguous()
+    rank = parts[0][0] + parts[1][0]
+    targets = sorted({short for _, short in keys}, key=list(MODULES).index)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, use_rslora=False,
+               target_modules=[MODULES[s][1].split(".")[-1] for s in targets], bias="none",
+               task_type="CAUSAL_LM", base_model_name_or_path=base).save_pretrained(str(out))
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
 def _scaling(cfg: dict) -> float:
     r, alpha = cfg["r"], cfg.get("lora_alpha", 8)
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
