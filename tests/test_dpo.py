@@ -199,6 +199,28 @@ def test_pairs_from_preferences_dpo_pairs_and_reward_model_pairs():
     assert pairs[[p["id"] for p in pairs].index("d1")]["input"] == "x"
 
 
+def test_preference_records_train_end_to_end_and_overwrite_keeps_the_old_run(default_model, tmp_path, capsys):
+    rng = random.Random(1)
+    prefs = [{"id": f"p{i}", "instruction": f"Tell me about {TOPICS[i]}.", "input": "", "source": "test",
+              "output_1": rng.choice(WITH), "output_2": rng.choice(WITHOUT),
+              "scores": {"helpful": [s, s], "honest": [0.5 * s, 0.0]}}
+             for i, s in enumerate([1.0, -2.0, 0.0, 3.0, -1.0, 2.0])]  # p2: no signal, dropped
+    path = write_jsonl(tmp_path / "preferences.jsonl", prefs)
+    out = tmp_path / "policy"
+    args = ["dpo", "--input", path, "--output_dir", out, "--max_steps", 1, "--batch_size", 2, "--eval_fraction", 0.2,
+            "--source_max_len", 48, "--target_max_len", 16]
+    assert main(args) == 0
+    assert "dpo: 5 pairs from 6 records (4 train, 1 held out); ties 1" in capsys.readouterr().err
+    assert read_jsonl(out / "dpo_pairs.jsonl") == recipe.preference_pairs(prefs, str(path))[0]
+    assert "eval_accuracy" in read_jsonl(out / "train_log.jsonl")[-1]
+    adapter = (out / lora.WEIGHTS_FILE).read_bytes()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # a finished run is never clobbered
+    assert main(args + ["--overwrite", "--seed", 1]) == 0
+    backup = next(tmp_path.glob("policy.bak-*"))
+    assert (backup / lora.WEIGHTS_FILE).read_bytes() == adapter and (backup / "checkpoints").is_dir()
+    assert (out / lora.WEIGHTS_FILE).read_bytes() != adapter
+
+
 @pytest.mark.parametrize("record,message", [
     ({"id": "a", "instruction": "i", "chosen": "x"}, "record 'a': field 'rejected' is missing"),
     ({"id": "b", "instruction": "i", "chosen": 3, "rejected": "y"}, "record 'b': field 'chosen' must be a string"),
