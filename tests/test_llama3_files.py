@@ -124,3 +124,13 @@ def test_convert_keeps_a_tokenizer_json_and_its_configuration(hf_ckpt, tmp_path)
     assert (after.bos_id, after.add_bos, after.stop_ids) == (before.bos_id, before.add_bos, before.stop_ids)
     assert [after.encode(p) for p in PROMPTS] == [before.encode(p) for p in PROMPTS]
     assert ours(out, tmp_path / "converted", 1) == ours(folder, tmp_path / "original", 1)
+
+
+def test_convert_to_hf_writes_the_tokenizers_bos_id(hf_ckpt, tmp_path):
+    # A Llama-3 tokenizer's BOS is 128000-range, not LLaMA-2's 1: config.json says what it is.
+    folder, _ = hf_ckpt
+    out = tmp_path / "hf_again"
+    run(python_m() + ["convert", "--ckpt_dir", folder, "--output_dir", out, "--layout", "hf"])
+    config = json.loads((out / "config.json").read_text())
+    bos = load_tokenizer(folder).bos_id
+    assert bos != 1 and config["bos_token_id"] == bos

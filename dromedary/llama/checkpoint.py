@@ -928,8 +928,9 @@ def meta_params(args: ModelArgs, *, sliding_window: Optional[int] = None) -> dic
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, *, tied: bool = False, eos_token_ids=(),
-              sliding_window: Optional[int] = None) -> dict:
-    """config.json for transformers' LlamaForCausalLM (MistralForCausalLM with a sliding window)."""
+              sliding_window: Optional[int] = None, bos_token_id: Optional[int] = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (MistralForCausalLM with a sliding window).
+    `bos_token_id`: the tokenizer's (128000 for Llama-3, 1 for LLaMA-1/2); left out when unknown."""
     window = args.max_seq_len
     scaling = None
     if args.rope_scaling is not None:
@@ -945,10 +946,12 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, *, tied: bool = False, eos_to
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_size,
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": window, "vocab_size": args.vocab_size,
-        "bos_token_id": 1, "tie_word_embeddings": bool(tied),
+        "tie_word_embeddings": bool(tied),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if bos_token_id is not None:
+        config["bos_token_id"] = int(bos_token_id)
     eos = list(eos_token_ids)
     if eos:
         config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
@@ -1000,7 +1003,13 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
         from safetensors.torch import save_file
 
         dtype = full("norm.weight").dtype
-        config = hf_config(args, dtype, tied=reader.tied, eos_token_ids=eos, sliding_window=reader.sliding_window)
+        bos = None
+        if tokenizer is not None:  # the tokenizer copied beside the weights says which id BOS is
+            from .tokenizer import load_tokenizer
+
+            bos = load_tokenizer(Path(tokenizer)).bos_id
+        config = hf_config(args, dtype, tied=reader.tied, eos_token_ids=eos, sliding_window=reader.sliding_window,
+                           bos_token_id=bos)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         groups: list[dict[str, torch.Tensor]] = [{}]
         size = 0
