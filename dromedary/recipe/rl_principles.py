@@ -7,7 +7,7 @@ weights (reasoning prompts favour methodical and accurate answers, red-teaming p
 ones), and k principles (k geometric, as the reward model's training pairs drew them) are drawn
 without replacement in proportion to their weights. The keywords and boosts are in
 prompts/salmon/rl_principle_weights.json. Every draw comes from a generator seeded by (seed,
-step, prompt id): the same for any data-parallel split and for a resumed run.
+step, place in the batch, prompt id): the same for any data-parallel split and for a resumed run.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Models (two copies of base weights in all):
   reward model" asks, without a third copy of the weights and with the same trainable capacity
   as a trainable copy of the reward adapter would have on top of it.
 
-Every random choice depends on (seed, step, prompt id) or (seed, step, epoch), never on the
+Every random choice depends on (seed, step, place in the batch, prompt id) or (seed, step, epoch), never on the
 data-parallel split: each group generates and scores its share of the step's prompts, the
 rollouts are gathered on every rank, and each mini-batch's loss is divided by its token count
 over all groups, so any split computes the same update (up to float summation order).
@@ -303,14 +303,16 @@ def _rollouts(share, step, engine, sampling, sources, scorer, model, critic, val
     if not share:
         return []
     recs = [r for _, r in share]
-    seeds = [row_seed(o["seed"], f"{step}:{r['id']}") for r in recs]
+    # Keyed by the place in the step's batch too: a batch larger than the prompt file holds a
+    # prompt twice, and the two samples must differ.
+    seeds = [row_seed(o["seed"], f"{step}:{slot}:{r['id']}") for slot, r in share]
     model.eval()
     gens = engine.generate([sources[r["id"]] for r in recs], sampling, seeds=seeds)
     model.train()
     tok = engine.tok
     out = []
     for (slot, r), g in zip(share, gens):
-        rng = random.Random(f"{o['seed']}:{step}:{r['id']}")
+        rng = random.Random(f"{o['seed']}:{step}:{slot}:{r['id']}")
         kind = rl_principles.classify(r["instruction"], r["input"], weights)
         shown = rl_principles.draw_principles(rng, kind, dims, weights, geometric_p=o["geometric_p"],
                                               max_principles=o["max_principles"])
@@ -386,7 +388,7 @@ def _rollout_stats(rolls: list[dict]) -> dict:
 
 
 def _rollout_record(r: dict) -> dict:
-    return {"id": r["id"], "instruction": r["instruction"], "input": r["input"], "prompt_type": r["kind"],
+    return {"id": f"{r['id']}#{r['slot']}", "prompt_id": r["id"], "instruction": r["instruction"], "input": r["input"], "prompt_type": r["kind"],
             "response": r["response"], "principles": r["principles"],
             "reward": round(r["score"] + r["length_bonus"] - r["unfinished_penalty"], 6), "score": round(r["score"], 6),
             "kl": round(sum(a - b for a, b in zip(r["logp_old"], r["logp_ref"])), 6), "length": len(r["actions"]),
