@@ -91,7 +91,7 @@ def test_clipped_policy_loss_and_clip_fraction_by_hand():
             a = float(adv[i, t])
             plain, cut = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps)
             want_loss += max(plain, cut)
-            want_clipped += cut > plain
+            want_clipped += abs(ratio - 1) > eps
     assert loss.item() == pytest.approx(want_loss, rel=1e-9)
     assert clipped.item() == want_clipped and 0 < want_clipped < int(mask.sum())
 
@@ -120,9 +120,9 @@ def test_clipped_value_loss_by_hand():
                 vv, vo, r = float(v[i, t]), float(v_old[i, t]), float(ret[i, t])
                 vc = vo + min(max(vv - vo, -eps), eps)
                 want += 0.5 * max((vv - r) ** 2, (vc - r) ** 2)
-                n_clip += (vc - r) ** 2 > (vv - r) ** 2
+                n_clip += abs(vv - vo) > eps
     assert loss.item() == pytest.approx(want, rel=1e-9)
-    assert clipped.item() == n_clip
+    assert clipped.item() == n_clip and 0 < n_clip < int(mask.sum())
 
 
 def test_pad_rows():

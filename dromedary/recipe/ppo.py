@@ -63,23 +63,27 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
                 cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed clipped-surrogate loss, number of clipped tokens) over the masked tokens:
     per token max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio = exp(logp - logp_old);
-    a token counts as clipped where the clipped term is the larger. Sums, not means: the caller
-    divides by the mini-batch's token count over every data-parallel group."""
+    a token counts as clipped where its ratio left [1 - eps, 1 + eps] (as OpenAI baselines
+    count: unlike "the clipped term is the larger", it does not flip on rounding noise where the
+    two terms tie). Sums, not means: the caller divides by the mini-batch's token count over
+    every data-parallel group."""
     ratio = torch.exp(logp - logp_old)
     plain = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     m = mask.to(logp.dtype)
-    return (torch.maximum(plain, clipped) * m).sum(), ((clipped > plain).to(logp.dtype) * m).sum()
+    return (torch.maximum(plain, clipped) * m).sum(), (((ratio - 1).abs() > cliprange).to(logp.dtype) * m).sum()
 
 
 def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed clipped value loss, number of tokens where the clipped error is the larger): per
-    token 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps)."""
+    """(summed clipped value loss, number of tokens whose value moved more than eps from the
+    rollout's): per token 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old,
+    -eps, eps)."""
     v_clip = values_old + torch.clamp(values - values_old, -cliprange_value, cliprange_value)
     plain, clipped = (values - returns) ** 2, (v_clip - returns) ** 2
     m = mask.to(values.dtype)
-    return 0.5 * (torch.maximum(plain, clipped) * m).sum(), ((clipped > plain).to(values.dtype) * m).sum()
+    moved = ((values - values_old).abs() > cliprange_value).to(values.dtype)
+    return 0.5 * (torch.maximum(plain, clipped) * m).sum(), (moved * m).sum()
 
 
 def pad_rows(rows: list[list[float]], dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
