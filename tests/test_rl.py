@@ -3,6 +3,7 @@ raised on held-out prompts, rollouts that follow the updated adapter, exact resu
 the published adapter with --adapter, and bad input refused before model work."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -86,20 +87,46 @@ def test_outputs_and_reward_model_scores(setup, tmp_path):
     assert rm.score(texts) == pytest.approx([r["score"] for r in rolls], abs=1e-4)
 
 
-def test_ppo_raises_a_known_reward_on_held_out_prompts(setup, tmp_path, monkeypatch):
-    """Reward 1 when the answer's first token starts with "I": its expected value on a prompt is
-    the policy's probability of such a first token, computed exactly on prompts it never saw."""
-    ensure_default_model()
+FIRST_PERSON = {"principles": [{"name": "first_person",
+                                 "definition": "The reply speaks in the first person: it starts with the word I.",
+                                 "negative": "The reply never starts with the word I."}]}
+
+
+def first_person_preferences(n: int, seed: int = 0) -> list[dict]:
+    """The judge liked whichever reply starts with "I"."""
+    rng = random.Random(seed)
+    words = "the a camel walks across desert sand water river city people think about good answer question".split()
+    sentence = lambda first: " ".join([first] + [rng.choice(words) for _ in range(rng.randint(3, 9))]) + "."  # noqa: E731
+    out = []
+    for i in range(n):
+        i_first = rng.random() < 0.5
+        mine = sentence(rng.choice(["I", "I", "I'm", "I can"]))
+        other = sentence(rng.choice(["The", "Who", "Las", "Yes", "For", "Keep", "You", "What", "A", "Sho"]))
+        m = rng.uniform(1, 3) * (1 if i_first else -1)
+        out.append({"id": f"f{i}", "instruction": "Tell me something.", "input": "", "scores": {"first_person": [m, m]},
+                    "output_1": mine if i_first else other, "output_2": other if i_first else mine})
+    return out
+
+
+def test_ppo_raises_the_reward_models_preference_on_held_out_prompts(setup, tmp_path):
+    """A reward model trained here to prefer replies that start with "I"; PPO against it raises
+    the policy's probability of such a first token (computed exactly, not sampled) on prompts it
+    never trained on."""
+    (tmp_path / "fp.json").write_text(json.dumps(FIRST_PERSON))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", first_person_preferences(160))
+    rm = tmp_path / "rm"
+    assert main(["reward-model", "--input", prefs, "--principles", tmp_path / "fp.json", "--output_dir", rm,
+                 "--max_steps", 30, "--batch_size", 16, "--micro_batch_size", 16, "--passes", 1, "--max_len", 256,
+                 "--learning_rate", 1e-3, "--negate_p", 0]) == 0
+    assert read_jsonl(rm / "train_log.jsonl")[-1]["eval_accuracy"] >= 0.9
+    out = tmp_path / "policy"
+    assert main(["rl", "--input", setup["prompts"], "--rm", rm, "--output_dir", out, "--steps", 4,
+                 "--batch_size", 16, "--mini_batch_size", 8, "--micro_batch_size", 8, "--max_new_tokens", 12,
+                 "--learning_rate", 2e-3, "--lam", 1.0, "--kl_coef", 0.01, "--unfinished_penalty", 0]) == 0
     tok = build(None, dtype="fp32").tokenizer
     starts_with_i = [i for i in range(tok.n_words) if tok.decode([i]).startswith("I")]
-    wanted = set(starts_with_i)
-    monkeypatch.setattr(rl_stage, "_SCORE_OVERRIDE", lambda rolls: [float(r["actions"][0] in wanted) for r in rolls])
-    out = tmp_path / "policy"
-    assert main(flags(setup, "--output_dir", out, "--steps", 4, "--batch_size", 16, "--mini_batch_size", 8,
-                      "--micro_batch_size", 8, "--max_new_tokens", 12, "--learning_rate", 2e-3, "--lam", 1.0,
-                      "--kl_coef", 0.01, "--unfinished_penalty", 0)) == 0
 
-    def expected_reward(adapter):
+    def p_first_person(adapter):
         loaded = build(None, adapter=adapter, dtype="fp32")
         total = 0.0
         for r in prompt_records(HELD_OUT, "h"):
@@ -110,7 +137,7 @@ def test_ppo_raises_a_known_reward_on_held_out_prompts(setup, tmp_path, monkeypa
             total += float(p[starts_with_i].sum())
         return total / len(HELD_OUT)
 
-    before, after = expected_reward(None), expected_reward(str(out))
+    before, after = p_first_person(None), p_first_person(str(out))
     assert after > 1.5 * before, (before, after)
 
 

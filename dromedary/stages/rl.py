@@ -37,7 +37,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,9 +60,6 @@ _RESUME_KEYS = ("assistant_name", "knowledge_cutoff", "source_max_len", "max_new
                 "max_grad_norm", "seed", "steps", "prompts", "base_model", "tokenizer", "sft_adapter", "rm_model",
                 "principles_file", "weights_file")
 _OUTPUTS = ("checkpoints", "rollouts", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl", "rl.provenance.json")
-
-# Tests only: score rollouts by a known function of their records instead of the reward model.
-_SCORE_OVERRIDE: Optional[Callable[[list[dict]], list[float]]] = None
 
 
 def rl(
@@ -322,12 +319,9 @@ def _rollouts(share, step, engine, sampling, sources, scorer, model, critic, val
                     "kind": kind, "principles": [p.name for p in shown],
                     "definitions": [p.definition for p in shown], "response": g.text.strip(), "actions": actions,
                     "finished": g.finish_reason != "length"})
-    if _SCORE_OVERRIDE is not None:
-        scores = _SCORE_OVERRIDE(out)
-    else:
-        texts = [salmon.reward_prompt(r["instruction"], r["input"], r["response"], r["definitions"]) for r in out]
-        with lora.adapters_off(critic):
-            scores = scorer.score(texts)
+    texts = [salmon.reward_prompt(r["instruction"], r["input"], r["response"], r["definitions"]) for r in out]
+    with lora.adapters_off(critic):  # the reward model: its adapter merged, the value LoRA off
+        scores = scorer.score(texts)
     with torch.no_grad():
         for j in range(0, len(out), o["micro_batch_size"]):
             micro = out[j : j + o["micro_batch_size"]]
@@ -388,7 +382,8 @@ def _rollout_stats(rolls: list[dict]) -> dict:
 
 
 def _rollout_record(r: dict) -> dict:
-    return {"id": f"{r['id']}#{r['slot']}", "prompt_id": r["id"], "instruction": r["instruction"], "input": r["input"], "prompt_type": r["kind"],
+    return {"id": f"{r['id']}#{r['slot']}", "prompt_id": r["id"], "instruction": r["instruction"],
+            "input": r["input"], "prompt_type": r["kind"],
             "response": r["response"], "principles": r["principles"],
             "reward": round(r["score"] + r["length_bonus"] - r["unfinished_penalty"], 6), "score": round(r["score"], 6),
             "kl": round(sum(a - b for a, b in zip(r["logp_old"], r["logp_ref"])), 6), "length": len(r["actions"]),
