@@ -100,6 +100,7 @@ def rl(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     save_steps: int = 10,
+    gradient_checkpointing: bool = False,
     model_parallel_size: Optional[int] = None,
     dtype: Optional[str] = None,
     seed: int = 0,
@@ -152,6 +153,7 @@ def rl(
       weight_decay: AdamW weight decay.
       max_grad_norm: clip the gradient's global norm (policy and value together; 0: off).
       save_steps: checkpoint every this many steps (and at the end).
+      gradient_checkpointing: recompute activations in the backward pass (policy and value model): much less memory, about a third more compute.
       model_parallel_size: processes sharing one model copy. Default: the whole world.
       dtype: fp32 or bf16 for the frozen weights. Default: bf16 on recent GPUs, fp32 on CPU.
       seed: seed for the prompt order, the principle draws, the sampling and the LoRA initialisation.
@@ -201,6 +203,7 @@ def rl(
     lora.init_lora(critic.model, seed + 1, world)
     rm_head = reward.load_head(rm, critic.args.dim, world.device)
     rm_head.requires_grad_(False)
+    model.gradient_checkpointing = critic.model.gradient_checkpointing = gradient_checkpointing
     value_head = reward.load_head(rm, critic.args.dim, world.device).train()
     value_head.requires_grad_(True)
     scorer = reward.RewardModel(critic, rm_head, rm_max_len)
@@ -313,7 +316,9 @@ def _rollouts(share, step, engine, sampling, sources, scorer, model, critic, val
         kind = rl_principles.classify(r["instruction"], r["input"], weights)
         shown = rl_principles.draw_principles(rng, kind, dims, weights, geometric_p=o["geometric_p"],
                                               max_principles=o["max_principles"])
-        # The actions: every sampled token, the end-of-sequence token included when it was sampled.
+        # The actions: every sampled token, the end-of-sequence token included when it was
+        # sampled; an answer cut at the next-turn marker keeps the marker's tokens (sampling them
+        # is how it ended), its text does not.
         actions = list(g.tokens) + ([tok.eos_id] if g.finish_reason == "eos" else [])
         out.append({"slot": slot, "id": r["id"], "instruction": r["instruction"], "input": r["input"],
                     "kind": kind, "principles": [p.name for p in shown],
