@@ -453,7 +453,7 @@ def _ppo_step(rolls, step, model, critic, value_head, opt, sched, named, params,
 
 def _check_flags(o: dict) -> tuple[str, ...]:
     for name in ("steps", "batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                 "source_max_len", "max_principles"):
+                 "source_max_len", "max_principles", "lora_r"):
         if o[name] < 1:
             raise ValueError(f"--{name} must be at least 1, got {o[name]}")
     if o["mini_batch_size"] > o["batch_size"]:
