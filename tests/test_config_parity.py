@@ -500,3 +500,15 @@ def test_one_token_kernels_step_aside_for_dynamic_ntk(tmp_path, tokenizer_path):
     assert LeanDecoder.build(built["plain"]) is not None
     assert Engine(built["dyn"], builder.build(str(tmp_path / "dyn"), model_parallel_size=1, dtype="bf16",
                                               device="cpu").tokenizer)._fast_step is None
+
+
+def test_meta_llama32_small_models_scale_rope_by_32():
+    # Meta's params.json of Llama-3.2-1B and -3B: use_scaled_rope, no factor; their HF
+    # config.json has rope_scaling.factor 32 (Llama-3.1-8B and 70B: 8).
+    base = {"n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5, "multiple_of": 256,
+            "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
+    for dim, layers, factor in [(2048, 16, 32.0), (3072, 28, 32.0), (4096, 32, 8.0), (8192, 80, 8.0)]:
+        spec = checkpoint._meta_rope({**base, "dim": dim, "n_layers": layers}, "params.json")
+        assert spec == {**checkpoint.LLAMA31_ROPE, "factor": factor}, (dim, layers)
+    stated = checkpoint._meta_rope({**base, "dim": 2048, "n_layers": 16, "rope_scaling_factor": 16}, "params.json")
+    assert stated["factor"] == 16.0  # a stated factor wins

@@ -63,7 +63,7 @@ def _filled_cache(model, slots, with_prefix, seed=0):
     """A cache whose rows hold a prompt pass of random tokens (and a shared prefix), plus a twin."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.args.vocab_size
-    cache = KVCache.allocate(model, len(slots), 24, device="cpu", dtype=model.output.weight.dtype)
+    cache = KVCache.allocate(model, len(slots), max(24, max(slots) + 8), device="cpu", dtype=model.output.weight.dtype)
     p_len = 0
     if with_prefix:
         model(torch.randint(3, vocab, (1, 20), generator=g), cache=cache, prefix_only=True)
@@ -81,7 +81,8 @@ def _twin(cache):
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
 @pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix", "no-prefix"])
-@pytest.mark.parametrize("slots", [[5, 5, 5], [3, 9, 5, 1]], ids=["uniform", "ragged"])
+# "long": rows whose own keys run past one or several blocks of 16 (dots_bf16's blocked path and its prefetches).
+@pytest.mark.parametrize("slots", [[5, 5, 5], [3, 9, 5, 1], [40, 16, 3, 97]], ids=["uniform", "ragged", "long"])
 def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, amx, with_prefix, slots):
     # Against the same bf16 weights run in fp32, the native step's error is no larger than the
     # PyTorch bf16 forward's (they round at the same points; only the order of sums differs).

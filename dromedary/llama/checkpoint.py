@@ -282,6 +282,8 @@ _META_OTHER_KEYS = {"max_batch_size", "use_scaled_rope", "rope_scaling_factor", 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
+LLAMA32_SMALL_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama-3.2-1B and -3B
+
 
 def _meta_rope(params: dict, where: str) -> Optional[dict]:
     scaled = params.get("use_scaled_rope", False)
@@ -293,6 +295,10 @@ def _meta_rope(params: dict, where: str) -> Optional[dict]:
             raise CheckpointError(f"{where}: {extra[0]} = {params[extra[0]]!r} is set but use_scaled_rope is not")
         return None
     spec = dict(LLAMA31_ROPE)
+    # Llama-3.2's 1B and 3B text models scale by 32 (their HF config.json says so), yet Meta's
+    # params.json for them carries no factor, only use_scaled_rope: told apart by their shapes.
+    if (params.get("dim"), params.get("n_layers")) in LLAMA32_SMALL_SHAPES:
+        spec["factor"] = 32.0
     if params.get("rope_scaling_factor") is not None:
         spec["factor"] = float(params["rope_scaling_factor"])
     if params.get("rope_high_freq_factor") is not None:

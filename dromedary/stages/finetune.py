@@ -254,18 +254,18 @@ def _check_flags(o: dict) -> tuple[str, ...]:
     return lora.parse_targets(o["lora_target_modules"])
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def _prepare_output(out: Path, overwrite: bool, outputs: tuple[str, ...] = _OUTPUTS) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
                                   f"or --overwrite to start afresh)")
         if _is_rank0():  # the other ranks wait for it in build()
-            _back_up(out)
+            _back_up(out, outputs)
 
 
-def _back_up(out: Path) -> Optional[Path]:
+def _back_up(out: Path, outputs: tuple[str, ...] = _OUTPUTS) -> Optional[Path]:
     """--overwrite: move what an earlier run wrote into a new sibling OUTPUT_DIR.bak-TIME[-N]."""
-    old = [out / name for name in _OUTPUTS if (out / name).exists()]
+    old = [out / name for name in outputs if (out / name).exists()]
     if not old:
         return None
     backup = records.backup_path(out.resolve())
@@ -316,7 +316,8 @@ def open_log(path: Path, start: int, world):
 # rank (its LoRA shards, optimizer and scheduler state, RNG) and trainer_state.json, written last.
 
 
-def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, base: str) -> None:
+def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, base: str,
+          keys: tuple[str, ...] = _RESUME_KEYS) -> None:
     ckpts = out / "checkpoints"
     tmp, final = ckpts / f"step-{step:07d}.tmp", ckpts / f"step-{step:07d}"
     if world.is_main:
@@ -332,7 +333,7 @@ def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, 
         lora.write_adapter(tmp, state, model, base)
     distributed.barrier()
     if world.is_main:
-        resumable = {k: options[k] for k in _RESUME_KEYS}
+        resumable = {k: options[k] for k in keys}
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "model_parallel_size": world.mp_size,
                                                             "options": resumable}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
@@ -343,8 +344,10 @@ def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, 
     distributed.barrier()
 
 
-def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
-    """The newest complete checkpoint to resume from, checked against this run's flags (None: none)."""
+def _latest_checkpoint(out: Path, options: dict, keys: tuple[str, ...] = _RESUME_KEYS,
+                       what: Optional[dict] = None) -> Optional[Path]:
+    """The newest complete checkpoint to resume from, checked against this run's flags `keys`
+    (None: none); `what` names the flags behind a key where it is not --KEY (default finetune's)."""
     done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()
                   and not p.name.endswith(".tmp"))
     if not done:
@@ -353,9 +356,9 @@ def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
         return None
     meta = json.loads((done[-1] / "trainer_state.json").read_text())
     digest = lambda v: v["digest"] if isinstance(v, dict) and "digest" in v else v  # noqa: E731 - paths may move
-    changed = [k for k in _RESUME_KEYS if digest(meta["options"].get(k)) != digest(options[k])]
+    changed = [k for k in keys if digest(meta["options"].get(k)) != digest(options[k])]
     if changed:
-        what = list(dict.fromkeys(_WHAT.get(k, "--" + k) for k in changed))
+        what = list(dict.fromkeys((_WHAT if what is None else what).get(k, "--" + k) for k in changed))
         raise ValueError(f"{done[-1]}: cannot resume: it was trained with other {', '.join(what)} "
                          f"(was {', '.join(repr(meta['options'].get(k)) for k in changed)}); rerun with those, "
                          f"or pass --overwrite instead of --resume to start afresh (the old adapter and "
