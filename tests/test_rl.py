@@ -62,7 +62,7 @@ def no_timing(log):
 
 def test_outputs_and_reward_model_scores(setup, tmp_path):
     out = tmp_path / "policy"
-    assert main(flags(setup, "--output_dir", out, "--steps", 2)) == 0
+    assert main(flags(setup, "--output_dir", out, "--max_steps", 2)) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "rl.provenance.json"):
         assert (out / name).is_file()
     log = read_jsonl(out / "train_log.jsonl")
@@ -120,7 +120,7 @@ def test_ppo_raises_the_reward_models_preference_on_held_out_prompts(setup, tmp_
                  "--learning_rate", 1e-3, "--negate_p", 0]) == 0
     assert read_jsonl(rm / "train_log.jsonl")[-1]["eval_accuracy"] >= 0.9
     out = tmp_path / "policy"
-    assert main(["rl", "--input", setup["prompts"], "--rm", rm, "--output_dir", out, "--steps", 4,
+    assert main(["rl", "--input", setup["prompts"], "--rm", rm, "--output_dir", out, "--max_steps", 4,
                  "--batch_size", 16, "--mini_batch_size", 8, "--micro_batch_size", 8, "--max_new_tokens", 12,
                  "--learning_rate", 2e-3, "--lam", 1.0, "--kl_coef", 0.01, "--unfinished_penalty", 0]) == 0
     tok = build(None, dtype="fp32").tokenizer
@@ -175,7 +175,7 @@ def _tensors(path: Path) -> dict:
 
 def test_a_killed_run_resumed_equals_an_uninterrupted_one(setup, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    common = python_m() + flags(setup, "--steps", 3, "--save_steps", 1)
+    common = python_m() + flags(setup, "--max_steps", 3, "--save_steps", 1)
     run(common + ["--output_dir", whole])
     killed = run(common + ["--output_dir", cut], check=False, env={"DROMEDARY_KILL_AFTER_STEP": "2"})
     assert killed.returncode != 0 and not (cut / "adapter_model.safetensors").exists()
@@ -193,7 +193,7 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(setup, tmp_path):
 @pytest.mark.parametrize("mp", [1, 2], ids=["dp2", "mp2"])
 def test_torchrun_equals_one_process(setup, tmp_path, mp):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = flags(setup, "--steps", 2)
+    common = flags(setup, "--max_steps", 2)
     run(python_m() + common + ["--output_dir", one])
     run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), "-m", "dromedary", *common,
                       "--output_dir", two, "--model_parallel_size", mp], timeout=400)
@@ -213,7 +213,7 @@ def test_with_an_sft_adapter_the_published_adapter_applies_to_the_plain_base(set
     two stacked (the reward model's adapter stands in for an engraving here)."""
     out = tmp_path / "policy"
     sft = setup["rm"]
-    assert main(flags(setup, "--output_dir", out, "--steps", 1, "--adapter", sft, "--lora_r", 4)) == 0
+    assert main(flags(setup, "--output_dir", out, "--max_steps", 1, "--adapter", sft, "--lora_r", 4)) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == json.loads((sft / "adapter_config.json").read_text())["r"] + 4
     tokens = torch.tensor([rl_stage._source_ids(build(None).tokenizer, prompt_records(TOPICS)[0], 512,

@@ -51,14 +51,18 @@ from ..llama import lora
 from ..recipe import policy as policy_lp
 from ..recipe import ppo, rl_principles, sft, templates
 from ..recipe import preferences as salmon
-from .finetune import lr_factor, open_log, restore
+from .finetune import _latest_checkpoint, _prepare_output, _save, lr_factor, open_log, restore
 
 _RESUME_KEYS = ("assistant_name", "knowledge_cutoff", "source_max_len", "max_new_tokens", "temperature", "top_p",
                 "max_principles", "geometric_p", "kl_coef", "gamma", "lam", "cliprange", "cliprange_value",
                 "vf_coef", "length_bonus", "unfinished_penalty", "batch_size", "mini_batch_size", "ppo_epochs",
                 "lora_r", "lora_alpha", "lora_target_modules", "learning_rate", "warmup_ratio", "weight_decay",
-                "max_grad_norm", "seed", "steps", "prompts", "base_model", "tokenizer", "sft_adapter", "rm_model",
+                "max_grad_norm", "seed", "max_steps", "prompts", "base_model", "tokenizer", "sft_adapter", "rm_model",
                 "principles_file", "weights_file")
+_WHAT = {"prompts": "--input (its records)", "base_model": "--ckpt_dir (its content)",
+         "tokenizer": "--tokenizer_path (its content)", "sft_adapter": "--adapter (its content)",
+         "rm_model": "--rm (its content)", "principles_file": "--principles (its content)",
+         "weights_file": "--principle_weights (its content)"}
 _OUTPUTS = ("checkpoints", "rollouts", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl", "rl.provenance.json")
 
 
@@ -79,7 +83,7 @@ def rl(
     top_p: float = 1.0,
     max_principles: int = 3,
     geometric_p: float = 0.5,
-    steps: int = 100,
+    max_steps: int = 100,
     batch_size: int = 16,
     mini_batch_size: int = 8,
     micro_batch_size: int = 4,
@@ -132,7 +136,7 @@ def rl(
       top_p: nucleus sampling of the rollouts.
       max_principles: most principles shown to the reward model per answer.
       geometric_p: k principles with probability (1-p)^(k-1) p.
-      steps: PPO steps (one rollout batch each).
+      max_steps: PPO steps (one rollout batch each).
       batch_size: rollouts per step, over all data-parallel groups.
       mini_batch_size: rollouts per optimizer update.
       micro_batch_size: sequences per forward pass on each data-parallel group.
@@ -182,9 +186,9 @@ def rl(
                    rm_model=records.path_identity(rm), principles_file=records.path_identity(principles),
                    weights_file=records.path_identity(principle_weights))
     out = Path(output_dir)
-    resume_from = _latest_checkpoint(out, options) if resume else None
+    resume_from = _latest_checkpoint(out, options, _RESUME_KEYS, _WHAT) if resume else None
     if not resume:
-        _prepare_output(out, overwrite)
+        _prepare_output(out, overwrite, _OUTPUTS)
 
     max_len = source_max_len + max_new_tokens + 1
     loaded = build(ckpt_dir, tokenizer_path=tokenizer_path, merge_adapter=adapter,
@@ -214,13 +218,16 @@ def rl(
     params = [p for _, p, _ in named]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     updates_per_step = ppo_epochs * math.ceil(batch_size / mini_batch_size)
+    steps = max_steps
     total_updates = steps * updates_per_step
     warmup = math.ceil(warmup_ratio * total_updates)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total_updates))
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16)
                 if next(model.parameters()).dtype == torch.bfloat16 else nullcontext())
 
-    start = restore(resume_from, opt, sched, named, world, params_key="params")
+    # Checkpoints as finetune's: the policy's adapter (on the SFT-merged base) in PEFT format, and
+    # per MP rank every trained tensor (policy LoRA, value LoRA and head), optimizer, scheduler, RNG.
+    start = restore(resume_from, opt, sched, named, world)
     if start >= steps:
         if world.is_main:
             print(f"{out}: already trained {steps} steps; nothing to do", file=sys.stderr)
@@ -272,7 +279,7 @@ def rl(
         bar.update(1)
         done = step + 1 == steps
         if done or (save_steps and (step + 1) % save_steps == 0):
-            _save(out, step + 1, model, opt, sched, named, world, options, loaded.name)
+            _save(out, step + 1, model, opt, sched, named, world, options, loaded.name, _RESUME_KEYS)
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
@@ -452,7 +459,7 @@ def _ppo_step(rolls, step, model, critic, value_head, opt, sched, named, params,
 
 
 def _check_flags(o: dict) -> tuple[str, ...]:
-    for name in ("steps", "batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
+    for name in ("max_steps", "batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
                  "source_max_len", "max_principles", "lora_r"):
         if o[name] < 1:
             raise ValueError(f"--{name} must be at least 1, got {o[name]}")
@@ -491,70 +498,6 @@ def _check_same_tokenizer(tok, rm_tok, rm: str) -> None:
         raise ValueError(f"--rm {rm}: its tokenizer differs from the policy's; the value model reads the policy's "
                          "tokens, so train the reward model on the policy's base (or pass the matching "
                          "--ckpt_dir/--tokenizer_path)")
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
-                                  "or --overwrite to start afresh)")
-        if _rank() == 0:
-            old = [out / n for n in _OUTPUTS if (out / n).exists()]
-            if old:
-                backup = records.backup_path(out.resolve())
-                backup.mkdir()
-                for path in old:
-                    os.replace(path, backup / path.name)
-                print(f"{out}: --overwrite: moved the old outputs to {backup}", file=sys.stderr)
-
-
-def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, base: str) -> None:
-    ckpts = out / "checkpoints"
-    tmp, final = ckpts / f"step-{step:07d}.tmp", ckpts / f"step-{step:07d}"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    state = lora.full_state(model, world)
-    if world.dp_rank == 0:  # data-parallel replicas hold identical states
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"params": {n: p.detach().cpu() for n, p, _ in named}, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng, "step": step}, tmp / f"state.mp{world.mp_rank:02d}.pt")
-    if world.is_main:
-        lora.write_adapter(tmp, state, model, base)  # the policy's adapter, on the SFT-merged base
-    distributed.barrier()
-    if world.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "model_parallel_size": world.mp_size, "options": {k: options[k] for k in _RESUME_KEYS}},
-            indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in ckpts.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
-
-
-def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*")
-                  if (p / "trainer_state.json").exists() and not p.name.endswith(".tmp"))
-    if not done:
-        if _rank() == 0:
-            print(f"{out}: no checkpoint to resume; starting from step 0", file=sys.stderr)
-        return None
-    meta = json.loads((done[-1] / "trainer_state.json").read_text())
-    digest = lambda v: v["digest"] if isinstance(v, dict) and "digest" in v else v  # noqa: E731
-    changed = [k for k in _RESUME_KEYS if digest(meta["options"].get(k)) != digest(options[k])]
-    if changed:
-        raise ValueError(f"{done[-1]}: cannot resume: it was trained with other "
-                         f"{', '.join('--' + k for k in changed)}; rerun with those, or pass --overwrite")
-    if meta["model_parallel_size"] != (options["model_parallel_size"] or int(os.environ.get("WORLD_SIZE", 1))):
-        raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")
-    return done[-1]
 
 
 def _publish(out: Path, steps: int, sft_adapter: Optional[str], loaded, world, provenance: Optional[dict]) -> None:
