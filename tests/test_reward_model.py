@@ -88,6 +88,18 @@ def test_kept_pairs_are_the_recipe_pairs(default_model, data, tmp_path):
     assert read_jsonl(out / "pairs.jsonl") == expected
 
 
+def test_reward_model_json_names_absolute_paths(default_model, data, tmp_path, monkeypatch):
+    # Given relative to the working directory, the principles file must still be found by
+    # `dromedary reward` / `rl` run from elsewhere.
+    prefs, principles = data
+    (tmp_path / "p.json").write_text(principles.read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["reward-model", "--input", prefs, "--principles", "p.json", "--passes", 1, "--batch_size", 8,
+                 "--micro_batch_size", 4, "--output_dir", "rm", "--max_steps", 1]) == 0
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["principles"] == str((tmp_path / "p.json").resolve()) and meta["ckpt_dir"] is None
+
+
 def _tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 

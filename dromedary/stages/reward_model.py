@@ -194,8 +194,10 @@ def reward_model(
     order = sft.DataOrder(len(train_data), seed)
     bar = tqdm(total=total_steps, initial=start, desc="reward-model", unit="step", dynamic_ncols=True,
                disable=not world.is_main, file=sys.stderr)
-    meta = {"ckpt_dir": ckpt_dir, "tokenizer_path": tokenizer_path, "max_len": max_len,
-            "principles": principles, "sft_adapter": adapter}
+    # Absolute paths: `dromedary reward` and `rl` read them back from any working directory.
+    where = lambda p: str(Path(p).expanduser().resolve()) if p else None  # noqa: E731
+    meta = {"ckpt_dir": where(ckpt_dir), "tokenizer_path": where(tokenizer_path), "max_len": max_len,
+            "principles": where(principles), "sft_adapter": where(adapter)}
     kill_after = int(os.environ.get("DROMEDARY_KILL_AFTER_STEP", 0))  # tests: a real SIGKILL mid-run
     for step in range(start, total_steps):
         model.train()
