@@ -17,8 +17,9 @@ datasets without pulling anything else:
     .venv/bin/pip install --no-deps trl
 
 Without it the TRL column is skipped. The rl section runs `dromedary rl` for a few steps on the
-embedded default model when `dromedary.stages.rl` can be imported, and prints the
-rollout_tokens_per_s and opt_tokens_per_s it logs; extra flags for it go in --rl_flags.
+embedded default model (against a reward model trained for two steps here, unless --rl_flags
+names one with --rm) and prints the rollout_tokens_per_s and opt_tokens_per_s it logs; extra
+flags for it go in --rl_flags.
 
     .venv/bin/python scripts/bench_rl.py                    # CPU, fp32
     .venv/bin/python scripts/bench_rl.py --device cuda --dtype bf16 --dim 2048 --n_layers 16
@@ -186,10 +187,17 @@ def rl_section(a, tmp: Path) -> None:
     prompts = tmp / "rl_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "instruction": f"Tell me about topic {i}.", "input": ""})
                                + "\n" for i in range(16)))
+    root = Path(__file__).resolve().parents[1]
+    extra = shlex.split(a.rl_flags)
+    if "--rm" not in extra:
+        rm = _tiny_reward_model(tmp, root)
+        if rm is None:
+            return
+        extra += ["--rm", str(rm)]
     out = tmp / "rl"
     cmd = [sys.executable, "-m", "dromedary", "rl", "--input", str(prompts), "--output_dir", str(out),
-           "--max_steps", str(a.rl_steps), *shlex.split(a.rl_flags)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+           "--max_steps", str(a.rl_steps), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     log = out / "train_log.jsonl"
     if proc.returncode != 0 or not log.exists():
         print(f"RL: `{shlex.join(cmd)}` failed (exit {proc.returncode}); pass what it needs in --rl_flags:\n"
@@ -200,6 +208,31 @@ def rl_section(a, tmp: Path) -> None:
     for e in entries:
         print(f"  step {e.get('step')}: rollout {e.get('rollout_tokens_per_s')} tokens/s, "
               f"optimisation {e.get('opt_tokens_per_s')} tokens/s")
+
+
+def _tiny_reward_model(tmp: Path, root: Path):
+    """Without --rl_flags "--rm DIR": a reward model trained for two steps on synthetic preference
+    records (it only has to be a reward model: the rates do not depend on what it learned)."""
+    principles = tmp / "rm_principles.json"
+    principles.write_text(json.dumps({"principles": [{"name": "brief", "definition": "The reply is brief.",
+                                                      "negative": "The reply is long-winded."}]}))
+    prefs = tmp / "rm_prefs.jsonl"
+    with prefs.open("w") as f:
+        for i in range(16):
+            m = 1.0 if i % 2 else -1.0
+            f.write(json.dumps({"id": f"r{i}", "instruction": f"Say something about topic {i}.", "input": "",
+                                "output_1": "Sure.", "output_2": "Well, there is a great deal one could say here.",
+                                "scores": {"brief": [m, m]}}) + "\n")
+    rm = tmp / "rm"
+    cmd = [sys.executable, "-m", "dromedary", "reward-model", "--input", str(prefs), "--principles", str(principles),
+           "--output_dir", str(rm), "--max_steps", "2", "--batch_size", "8", "--micro_batch_size", "8",
+           "--passes", "1", "--max_len", "256"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        print(f"RL: making a tiny reward model failed (exit {proc.returncode}):\n"
+              + "\n".join(proc.stderr.strip().splitlines()[-5:]))
+        return None
+    return rm
 
 
 def main() -> None:
