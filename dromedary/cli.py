@@ -22,9 +22,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verbose-clone": ("dromedary.stages.verbose_clone", "verbose_clone", "detailed answers from the engraved model -> sft records"),
     "preferences": ("dromedary.stages.preferences", "preferences", "two answers per prompt, judged on each reward principle in both orders"),
     "reward-model": ("dromedary.stages.reward_model", "reward_model", "instructable reward model: training pairs from preferences, LoRA + scalar head"),
-    "rl": ("dromedary.stages.rl", "rl", "PPO of the policy against the instructable reward model (KL to the reference, LoRA)"),
     "reward": ("dromedary.stages.reward", "reward", "score records with a reward model under principles (adds a reward field)"),
     "dpo": ("dromedary.stages.dpo", "dpo", "direct preference optimisation (DPO/IPO) of the engraved model on preference pairs"),
+    "rl": ("dromedary.stages.rl", "rl", "PPO of the policy against the instructable reward model (KL to the reference, LoRA)"),
     "evaluate": ("dromedary.stages.evaluate", "evaluate", "TruthfulQA MC1/MC2 and HHH accuracy (lm-eval or the paper's protocol), --compare runs"),
 }
 
