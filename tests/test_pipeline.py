@@ -4,6 +4,8 @@ skipping finished stages, resuming, and the plan's flags."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from dromedary import distributed
 from dromedary.stages import pipeline as pipeline_module
 from dromedary.stages.pipeline import (LATE_KEYS, STATE_FILE, TINY_NUM_PROMPTS, _afresh_if_inputs_changed,
-                                      _json_literals, _plan, pipeline)
+                                      _json_literals, _load_state, _plan, pipeline)
 from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun
 
 STAGES = ["generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat"]
@@ -223,6 +225,37 @@ def test_salmon_dpo_plan_trains_on_the_preferences_from_the_engraving_and_chats_
     assert "rl" not in plain and "dpo" not in plain and plain["chat"]["adapter"] == "adapter"
 
 
+def test_another_policy_is_taken_only_where_the_old_one_left_nothing(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    _, key = _plan(options())
+    _load_state(work, key)  # a run without --salmon: no policy recorded
+    assert "policy" not in json.loads((work / STATE_FILE).read_text())["options"]
+    _, dpo_key = _plan(options(salmon=True))
+    _load_state(work, dpo_key)  # --salmon added later: the policy is recorded
+    state = json.loads((work / STATE_FILE).read_text())
+    assert state["options"]["policy"] == "dpo"
+    state["stages"]["dpo"] = {"seconds": 1.0}
+    (work / STATE_FILE).write_text(json.dumps(state))
+    _, rl_key = _plan(options(salmon=True, policy="rl"))
+    for made in (["policy"], ["eval_policy"], ["policy", "eval_policy"]):
+        for name in made:
+            (work / name).mkdir()
+            (work / name / "adapter_config.json").write_text("{}")
+        before = (work / STATE_FILE).read_bytes()
+        listed = ", ".join(str(work / n) for n in made)
+        with pytest.raises(ValueError, match=re.escape(f"holds the output of --policy dpo ({listed}): rerun with")):
+            _load_state(work, rl_key)
+        assert (work / STATE_FILE).read_bytes() == before
+        for name in made:
+            shutil.rmtree(work / name)
+    # Moved aside: rl is taken, and dpo's stage no longer counts as done.
+    state = _load_state(work, rl_key)
+    assert state["options"]["policy"] == "rl" and "dpo" not in state["stages"]
+    assert json.loads((work / STATE_FILE).read_text()) == state
+    _load_state(work, key)  # a later run without --salmon still matches
+
+
 def test_salmon_rl_plan_has_the_rl_flags():
     stages, key = _plan(options(salmon=True, verbose_clone=True, policy="rl", model_parallel_size=2,
                                 stage_flags={"rl": {"kl_coef": 0.1}}))
@@ -235,7 +268,7 @@ def test_salmon_rl_plan_has_the_rl_flags():
                                      "seed", "assistant_name")} == {
         "input": "prompts.jsonl", "rm": "reward_model", "output_dir": "policy", "adapter": "adapter_verbose",
         "resume": True, "kl_coef": 0.1, "model_parallel_size": 2, "seed": 0, "assistant_name": "Dromedary"}
-    assert rl.flags["steps"] <= 4 and rl.flags["batch_size"] <= 8  # small on the embedded model
+    assert rl.flags["max_steps"] <= 4 and rl.flags["batch_size"] <= 8  # small on the embedded model
     assert stages[names.index("chat")].flags["adapter"] == "policy"
     # A new reward model (or anything earlier) makes the policy's checkpoints stale.
     later = _afresh_if_inputs_changed(rl, stages[: names.index("rl")], "reward-model")
@@ -329,8 +362,9 @@ def test_another_policy_on_a_finished_workdir_is_refused(workdir):
     other = run([*python_m(), "pipeline", "--workdir", work, "--verbose_clone", "--salmon", "--policy", "rl"],
                 check=False)
     assert other.returncode == 2
-    assert f"{work / 'policy'} holds the adapter of --policy dpo: rerun with --policy dpo" in other.stderr
-    assert "aside to optimise with --policy rl" in other.stderr and "pipeline [" not in other.stderr
+    assert f"{work} holds the output of --policy dpo ({work / 'policy'}): rerun with --policy dpo" in other.stderr
+    assert f"move {work / 'policy'} aside to optimise with --policy rl" in other.stderr
+    assert "pipeline [" not in other.stderr
     assert (work / STATE_FILE).read_bytes() == state
 
 

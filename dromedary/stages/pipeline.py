@@ -12,8 +12,8 @@ OUTPUT.bak-TIME, evaluate's in items.jsonl.bak).
 
 Stages may be added to a finished work directory (--verbose_clone, --salmon, --evaluate): they only
 append. The options that must stay the same are kept in the state; --policy joins them when a run
-first plans the SALMON stages, and a later --policy is refused while policy/ holds the other one's
-adapter (move policy/ aside to switch: the preferences and the reward model are kept).
+first plans the SALMON stages, and a later --policy is refused while policy/ or eval_policy/ hold the
+other one's output (move them aside to switch: the preferences and the reward model are kept).
 """
 
 from __future__ import annotations
@@ -62,12 +62,13 @@ TINY_FLAGS: dict[str, dict[str, Any]] = {
     # A few policy steps: enough to write, resume and stack an adapter, not to optimise anything.
     "dpo": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "source_max_len": 256, "target_max_len": 64,
             "learning_rate": 1e-3, "save_steps": 2, "eval_steps": 0},
-    "rl": {"steps": 2, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2, "ppo_epochs": 1,
+    "rl": {"max_steps": 2, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2, "ppo_epochs": 1,
            "max_new_tokens": 48, "source_max_len": 256, "learning_rate": 1e-4, "save_steps": 1},
 }
 # Options of stages that a later run may add (--salmon's --policy): absent from the state until a
 # run first plans those stages, then kept like the others.
 LATE_KEYS = ("policy",)
+POLICY_OUTPUTS = ("policy", "eval_policy")
 
 
 @dataclass
@@ -130,7 +131,7 @@ def pipeline(
       sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.
       verbose_clone: also run verbose cloning: the engraved model answers every sft record in detail, and a second adapter (adapter_verbose/) is trained on those answers, on the base model.
       salmon: after engraving, run Dromedary-2's SALMON stages: preferences (two answers per prompt from the engraved model, judged on every reward principle: preferences.jsonl), reward-model (an instructable reward model trained on them: reward_model/) and the policy optimisation of --policy (policy/, an adapter for the plain base that includes the engraving); the sample chat turn then uses policy/.
-      policy: with --salmon, how the engraved model is optimised into policy/: dpo (`dromedary dpo` on preferences.jsonl directly) or rl (`dromedary rl`: PPO on prompts.jsonl against reward_model/). Fixed for WORKDIR once policy/ holds its output (another is refused); to switch, move WORKDIR/policy aside.
+      policy: with --salmon, how the engraved model is optimised into policy/: dpo (`dromedary dpo` on preferences.jsonl directly) or rl (`dromedary rl`: PPO on prompts.jsonl against reward_model/). Fixed for WORKDIR once policy/ holds its output (another is refused); to switch, move WORKDIR/policy (and eval_policy) aside.
       assistant_name: the assistant's public name (curate renames the self-align codename to it; finetune and chat use it).
       sample_question: the question of the final sample chat turn.
       stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, preferences, reward-model, dpo, rl, chat, evaluate-base, evaluate-engraved, evaluate-policy).
@@ -443,15 +444,19 @@ def _load_state(work: Path, key: dict) -> dict:
     stored = state.setdefault("options", {})
     late = {k: key[k] for k in LATE_KEYS if k in key and k not in stored}
     changed = [k for k in key if k not in late and stored.get(k) != key[k]]
-    if "policy" in changed and not _exists(work / "policy"):
-        # Nothing was trained with the old policy yet (a run stopped before it): take the new one.
+    # The old policy's outputs: its adapter, and the items evaluate scored with it (same path, so
+    # evaluate would resume them).
+    made = [str(work / name) for name in POLICY_OUTPUTS if _exists(work / name)]
+    if "policy" in changed and not made:
+        # Nothing was made with the old policy (a run stopped before it, or its outputs were moved
+        # aside): take the new one.
         changed.remove("policy")
         state["stages"].pop(stored["policy"], None)
         late["policy"] = key["policy"]
     if changed == ["policy"]:
         old, new = stored["policy"], key["policy"]
-        raise ValueError(f"{work / 'policy'} holds the adapter of --policy {old}: rerun with --policy {old}, use "
-                         f"another --workdir, or move {work / 'policy'} aside to optimise with --policy {new} "
+        raise ValueError(f"{work} holds the output of --policy {old} ({', '.join(made)}): rerun with --policy {old}, "
+                         f"use another --workdir, or move {' and '.join(made)} aside to optimise with --policy {new} "
                          "(the preferences and the reward model are kept)")
     if changed:
         was = ", ".join(f"--{k} {state['options'].get(k)!r}" for k in changed)
