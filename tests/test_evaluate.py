@@ -607,3 +607,52 @@ def test_pipeline_evaluate_plans_base_and_engraved_runs(tmp_path):
     assert base.flags["protocol"] == "dromedary" and "adapter" not in base.flags
     assert engraved.flags["adapter"] == "adapter" and engraved.flags["compare"] == "eval_base"
     assert engraved.flags["data"] == {"truthfulqa": "tqa.jsonl"}
+
+
+def test_three_runs_side_by_side_each_minus_the_one_before(tmp_path):
+    """The pipeline's base, engraved and optimised results, from results.json files."""
+    def run_dir(name: str, model: str, values: dict) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        rows = [{"model": model, "task": task, "subset": subset, "n": 100, "metric": "acc", "value": v, "stderr": 0.05}
+                for (task, subset), v in values.items()]
+        results.write_results(out, rows)
+        return out
+
+    base = run_dir("eval_base", "base", {("truthfulqa_mc1", "all"): 0.20, ("hhh", "harmless"): 0.50})
+    engraved = run_dir("eval_engraved", "base + adapter engraved", {("truthfulqa_mc1", "all"): 0.40,
+                                                                    ("hhh", "harmless"): 0.52, ("hhh", "all"): 0.6})
+    policy = run_dir("eval_policy", "base + adapter policy", {("truthfulqa_mc1", "all"): 0.45,
+                                                              ("hhh", "harmless"): 0.62})
+    text = results.compare_runs([results.read_results(d) for d in (base, engraved, policy)],
+                                ["eval_base", "eval_engraved", "eval_policy"])
+    lines = text.splitlines()
+    assert lines[:3] == ["A: base", "B: base + adapter engraved", "C: base + adapter policy"]
+    header = lines[3].split("  ")
+    assert [h.strip() for h in header if h.strip()] == ["task", "subset", "n", "A (eval_base)", "B (eval_engraved)",
+                                                        "C (eval_policy)", "B - A", "C - B"]
+    tqa = next(line for line in lines if line.startswith("truthfulqa_mc1"))
+    # 0.20 -> 0.40 is beyond 1.96 * sqrt(2) * 0.05 = 0.139; 0.40 -> 0.45 is not.
+    assert "100/100/100" in tqa and "0.2000 ± 0.0500" in tqa and "+0.2000 *" in tqa and tqa.rstrip().endswith("+0.0500")
+    hhh = next(line for line in lines if line.startswith("hhh"))
+    assert "+0.0200" in hhh and "+0.1000" in hhh and "*" not in hhh
+    assert not any(line.startswith("hhh") and " all " in line for line in lines)  # only rows every run has
+    assert lines[-1].startswith("* the difference exceeds the noise")
+    # Two runs through the same function read as compare_table's A and B.
+    two = results.compare_runs([results.read_results(base), results.read_results(engraved)], ["eval_base", "x"])
+    assert "B - A" in two and "C" not in two.split("\n")[2]
+
+
+def test_compare_with_two_directories_prints_three_columns(full_run, tmp_path, capsys):
+    out, args = full_run
+    base, engraved, policy = (tmp_path / n for n in ("eval_base", "eval_engraved", "eval_policy"))
+    for d in (base, engraved, policy):
+        shutil.copytree(out, d)
+    assert main([*[str(policy) if a == out else a for a in args], "--compare", f"{base},{engraved}"]) == 0
+    text = capsys.readouterr().out
+    assert "A (eval_base)" in text and "B (eval_engraved)" in text and "C (eval_policy)" in text and "C - B" in text
+    assert main([*[str(policy) if a == out else a for a in args], "--compare", base]) == 0  # one: as before
+    text = capsys.readouterr().out
+    assert "beyond noise" in text and "A (eval_base)" in text and "C (" not in text
+    assert main([*[str(policy) if a == out else a for a in args], "--compare", f"{base},{tmp_path / 'none'}"]) == 2
+    assert "none/results.json: no results here" in capsys.readouterr().err

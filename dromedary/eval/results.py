@@ -100,3 +100,30 @@ def compare_table(a: list[dict], b: list[dict], name_a: str = "A", name_b: str =
     if not body:
         return models + "\n(no task and subset in common)"
     return models + "\n" + _grid(["task", "subset", "n", f"A ({name_a})", f"B ({name_b})", "B - A", "beyond noise"], body)
+
+
+def compare_runs(runs: list[list[dict]], names: list[str]) -> str:
+    """Several runs side by side (A, B, C, ... in the order given, e.g. base, engraved, optimised):
+    each figure, each run minus the one before it, and a * where that difference exceeds the noise.
+    Only the (task, subset) rows that every run has."""
+    letters = [chr(ord("A") + i) for i in range(len(runs))]
+    indexes = [{(r["task"], r["subset"]): r for r in run} for run in runs[1:]]
+    body = []
+    for r in runs[0] if runs else []:
+        row = [r, *(ix.get((r["task"], r["subset"])) for ix in indexes)]
+        if any(x is None for x in row):
+            continue
+        cells = [r["task"], r["subset"], "/".join(str(x["n"]) for x in row),
+                 *(f"{x['value']:.4f} ± {x['stderr']:.4f}" for x in row)]
+        for before, after in zip(row, row[1:]):
+            diff = after["value"] - before["value"]
+            beyond = abs(diff) > Z95 * math.hypot(before["stderr"], after["stderr"])
+            cells.append(f"{diff:+.4f}" + (" *" if beyond else "  "))
+        body.append(cells)
+    models = "\n".join(f"{letter}: {run[0]['model'] if run else name}" for letter, run, name in zip(letters, runs, names))
+    if not body:
+        return models + "\n(no task and subset in common)"
+    header = ["task", "subset", "n", *(f"{letter} ({name})" for letter, name in zip(letters, names)),
+              *(f"{b} - {a}" for a, b in zip(letters, letters[1:]))]
+    return (models + "\n" + _grid(header, body)
+            + f"\n* the difference exceeds the noise ({Z95} standard errors of the difference)")

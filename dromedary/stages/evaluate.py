@@ -3,7 +3,7 @@
 load (benchmark files, checked before any model work) -> score every item under a protocol
 (eval/protocols.py) -> write one record per item to DIR/items.jsonl (resumable, data-parallel
 shards like every record stage) -> DIR/results.json and a printed table; `--compare OTHER_DIR`
-prints two runs side by side.
+prints two runs side by side (`--compare A,B`: three, as `dromedary pipeline --salmon --evaluate` does).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def evaluate(
     adapter: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
     limit: Optional[int] = None,
-    compare: Optional[str] = None,
+    compare: Optional[str | list[str]] = None,
     system: str = "standard",
     assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
     max_exemplars: Optional[int] = None,
@@ -66,7 +66,7 @@ def evaluate(
       adapter: PEFT LoRA adapter directory (from `dromedary finetune`); with --protocol dromedary the items are put in the chat format with --system, as the engraved model was trained.
       model_parallel_size: processes sharing one model copy (tensor parallelism). Default: the whole world.
       limit: score only the first N items of each task (of each HHH subset).
-      compare: another evaluate OUTPUT_DIR: print both side by side, with the difference and whether it exceeds the noise.
+      compare: another evaluate OUTPUT_DIR: print both side by side, with the difference and whether it exceeds the noise. Several, comma-separated (e.g. base,engraved): all of them and this run side by side, each minus the one before.
       system: the engraved model's system prompt for --protocol dromedary with --adapter: standard, concise, verbose, multilingual, or a text file.
       assistant_name: the name the adapter was trained with (--protocol dromedary with --adapter).
       max_exemplars: --protocol dromedary on a base model: keep only the first N exemplars of the self-align prompt (for short context windows).
@@ -86,7 +86,8 @@ def evaluate(
         raise ValueError(f"--limit must be a positive integer, got {limit!r}")
     sources = {**DEFAULT_DATA, **_source_dict(data)}
     out = Path(output_dir)
-    other = results.read_results(compare) if compare else None  # a wrong --compare fails before any work
+    compare = _dir_list(compare)
+    others = [results.read_results(c) for c in compare]  # a wrong --compare fails before any work
 
     judge = None
     if protocol == "dromedary":
@@ -146,8 +147,10 @@ def evaluate(
     rows = results.aggregate([done[r["id"]] for r in inputs if r["id"] in done], model_label, task_names)
     results.write_results(out, rows)
     print(results.table(rows), flush=True)
-    if other is not None:
-        print("\n" + results.compare_table(other, rows, Path(compare).name, out.name), flush=True)
+    if len(others) == 1:
+        print("\n" + results.compare_table(others[0], rows, Path(compare[0]).name, out.name), flush=True)
+    elif others:
+        print("\n" + results.compare_runs([*others, rows], [*(Path(c).name for c in compare), out.name]), flush=True)
 
 
 def _task_list(tasks) -> list[str]:
@@ -157,6 +160,14 @@ def _task_list(tasks) -> list[str]:
     if not names:
         raise ValueError("--tasks is empty: name at least one of " + ", ".join(protocols.TASKS))
     return list(dict.fromkeys(names))
+
+
+def _dir_list(value) -> list[str]:
+    # Fire turns "a,b" into a tuple; the pipeline passes a list.
+    if not value:
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return [str(n).strip() for n in names if str(n).strip()]
 
 
 def _source_dict(value) -> dict:

@@ -1,12 +1,19 @@
 """dromedary pipeline: the whole recipe in one command, every stage's output in one work directory.
 
-generate-prompts -> self-align -> curate -> finetune [-> verbose-clone -> finetune] -> a sample chat
-turn. Stages are called through the command table (stages never import each other), in this
-process, so the pipeline runs under torchrun exactly like each stage does. A rerun skips the stages
-that DIR/pipeline_state.json marks done and resumes the first unfinished one (record stages skip
-the ids already written; finetune continues from its last checkpoint). A stage whose input an
-earlier stage of this run rewrote starts afresh where resuming would mix: finetune after a new
-sft.jsonl, verbose-clone after a new adapter (the old outputs are moved to OUTPUT.bak-TIME).
+generate-prompts -> self-align -> curate -> finetune [-> verbose-clone -> finetune] [-> preferences ->
+reward-model -> dpo or rl] -> a sample chat turn [-> evaluations]. Stages are called through the
+command table (stages never import each other), in this process, so the pipeline runs under
+torchrun exactly like each stage does. A rerun skips the stages that DIR/pipeline_state.json marks
+done and resumes the first unfinished one (record stages skip the ids already written; the training
+stages continue from their last checkpoint). A stage whose input an earlier stage of this run
+rewrote starts afresh where resuming would mix: the training stages after any earlier stage ran
+again, verbose-clone, preferences and evaluate after a new adapter (the old outputs are kept in
+OUTPUT.bak-TIME, evaluate's in items.jsonl.bak).
+
+Stages may be added to a finished work directory (--verbose_clone, --salmon, --evaluate): they only
+append. The options that must stay the same are kept in the state; --policy joins them when a run
+first plans the SALMON stages, and a later --policy is refused while policy/ or eval_policy/ hold the
+other one's output (move them aside to switch: the preferences and the reward model are kept).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .. import cli, distributed, records
 from ..recipe import templates
 
 Method = Literal["tgrt", "self-instruct", "import"]
+Policy = Literal["dpo", "rl"]
 STATE_FILE = "pipeline_state.json"
 STATE_VERSION = 1
 SAMPLE_QUESTION = "What are three things to know before riding a camel?"
@@ -51,7 +59,16 @@ TINY_FLAGS: dict[str, dict[str, Any]] = {
     "preferences": {"max_new_tokens": 48, "max_batch_size": 16, "min_words": 1},
     "reward-model": {"max_steps": 16, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "max_len": 512,
                      "save_steps": 8},
+    # A few policy steps: enough to write, resume and stack an adapter, not to optimise anything.
+    "dpo": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "source_max_len": 256, "target_max_len": 64,
+            "learning_rate": 1e-3, "save_steps": 2, "eval_steps": 0},
+    "rl": {"max_steps": 2, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2, "ppo_epochs": 1,
+           "max_new_tokens": 48, "source_max_len": 256, "learning_rate": 1e-4, "save_steps": 1},
 }
+# Options of stages that a later run may add (--salmon's --policy): absent from the state until a
+# run first plans those stages, then kept like the others.
+LATE_KEYS = ("policy",)
+POLICY_OUTPUTS = ("policy", "eval_policy")
 
 
 @dataclass
@@ -74,6 +91,7 @@ def pipeline(
     sources: Optional[dict] = None,
     verbose_clone: bool = False,
     salmon: bool = False,
+    policy: Policy = "dpo",
     assistant_name: str = templates.DEFAULT_ASSISTANT_NAME,
     sample_question: str = SAMPLE_QUESTION,
     stage_flags: Optional[dict] = None,
@@ -86,19 +104,23 @@ def pipeline(
     eval_protocol: str = "lm-eval",
 ) -> None:
     """Run the whole recipe into WORKDIR: prompts, self-align, curate, finetune (principle engraving),
-    optionally verbose-clone and a second finetune, and one sample chat turn; then print a table.
+    optionally verbose-clone and a second finetune, optionally SALMON (preferences, reward model,
+    policy optimisation), and one sample chat turn; then print a table.
 
     Outputs, under stable names: prompts.jsonl, self_align.jsonl, sft.jsonl, rejected.jsonl,
-    adapter/, and with --verbose_clone verbose.jsonl, verbose_rejected.jsonl and adapter_verbose/;
-    sample_chat.jsonl holds the sample turn, pipeline_state.json what is done. Rerunning the same
-    command skips finished stages and resumes an interrupted one. Under torchrun every stage runs
-    with the same model-parallel size (data parallelism takes the rest of the world).
+    adapter/, with --verbose_clone verbose.jsonl, verbose_rejected.jsonl and adapter_verbose/, with
+    --salmon preferences.jsonl, reward_model/ and policy/, with --evaluate eval_base/,
+    eval_engraved/ (and eval_policy/); sample_chat.jsonl holds the sample turn,
+    pipeline_state.json what is done. Rerunning the same command skips finished stages and resumes
+    an interrupted one. Under torchrun every stage runs with the same model-parallel size (data
+    parallelism takes the rest of the world).
 
     Without --ckpt_dir the embedded tiny model runs with small settings so that everything finishes
     in minutes on a laptop: 32 generated prompts plus the 60 human-written seed questions (tgrt),
-    24 finetune steps of 8 records, 160-token generations. With
-    --ckpt_dir the stages use their own defaults (one finetune epoch, 512-token generations) and
-    --num_prompts defaults to 2000, a pilot-sized run (the Dromedary paper used about 360k prompts).
+    24 finetune steps of 8 records, 160-token generations, 4 dpo steps of 4 pairs (rl: 2 steps of
+    4 rollouts). With --ckpt_dir the stages use their own defaults (one finetune epoch, 512-token
+    generations) and --num_prompts defaults to 2000, a pilot-sized run (the Dromedary paper used
+    about 360k prompts).
 
     Args:
       workdir: the directory for every output (created if missing).
@@ -108,15 +130,16 @@ def pipeline(
       num_prompts: prompts to generate (import: a sample of this many; default all). Default: 32 on the embedded model, 2000 with --ckpt_dir.
       sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.
       verbose_clone: also run verbose cloning: the engraved model answers every sft record in detail, and a second adapter (adapter_verbose/) is trained on those answers, on the base model.
-      salmon: after engraving, run Dromedary-2's SALMON stages: preferences (two answers per prompt from the engraved model, judged on every reward principle: preferences.jsonl) and reward-model (an instructable reward model trained on them: reward_model/).
+      salmon: after engraving, run Dromedary-2's SALMON stages: preferences (two answers per prompt from the engraved model, judged on every reward principle: preferences.jsonl), reward-model (an instructable reward model trained on them: reward_model/) and the policy optimisation of --policy (policy/, an adapter for the plain base that includes the engraving); the sample chat turn then uses policy/.
+      policy: with --salmon, how the engraved model is optimised into policy/: dpo (`dromedary dpo` on preferences.jsonl directly) or rl (`dromedary rl`: PPO on prompts.jsonl against reward_model/). Fixed for WORKDIR once policy/ holds its output (another is refused); to switch, move WORKDIR/policy (and eval_policy) aside.
       assistant_name: the assistant's public name (curate renames the self-align codename to it; finetune and chat use it).
       sample_question: the question of the final sample chat turn.
-      stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, chat).
+      stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, preferences, reward-model, dpo, rl, chat, evaluate-base, evaluate-engraved, evaluate-policy).
       model_parallel_size: processes sharing one model copy in every stage. Default: the whole world.
       dtype: fp32, bf16 or fp16 for the model-running stages (finetune refuses fp16). Default: bf16 on GPUs that support it, fp32 on CPU.
       seed: passed to every stage.
       max_seq_len: context window for the generating stages (generate-prompts, self-align, verbose-clone, chat); finetune sizes its own from its length flags. Default: the checkpoint's.
-      evaluate: at the end, evaluate the base model (eval_base/) and the engraved one (eval_engraved/) with `dromedary evaluate` and print both side by side.
+      evaluate: at the end, evaluate the base model (eval_base/) and the engraved one (eval_engraved/) with `dromedary evaluate` and print both side by side; with --salmon also the optimised one (eval_policy/), the three side by side.
       eval_data: the benchmarks for --evaluate, as `dromedary evaluate --data` takes them, e.g. '{"truthfulqa": PATH, "hhh": PATH}'. Default: the hub names (needs the network).
       eval_protocol: lm-eval or dromedary, as `dromedary evaluate --protocol`.
     """
@@ -132,6 +155,8 @@ def pipeline(
         return _load_state(work, key)  # a different run in WORKDIR stops here, before any model work
 
     state = _on_rank0(load, world, waiting)
+    if any(s.command == "rl" for s in stages):
+        _command("rl")  # an installation without it stops here, before any stage starts
 
     rows = []
     rerun_from = None
@@ -181,7 +206,10 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
         raise ValueError("--sources goes with --method import (and --method import needs --sources)")
     extra = _json_literals(o["stage_flags"] or {})
     names = {"generate-prompts", "self-align", "curate", "finetune", "verbose-clone", "finetune-verbose", "chat",
-             "evaluate-base", "evaluate-engraved", "preferences", "reward-model"}
+             "evaluate-base", "evaluate-engraved", "evaluate-policy", "preferences", "reward-model", "dpo", "rl"}
+    policy = o.get("policy", "dpo")
+    if policy not in ("dpo", "rl"):
+        raise ValueError(f"--policy must be dpo or rl, got {policy!r}")
     if not isinstance(extra, dict) or set(extra) - names or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"--stage_flags must be a JSON object {{stage: {{flag: value}}}} with stages among "
                          f"{', '.join(sorted(names))}")
@@ -238,6 +266,23 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
                                                           "adapter": final_adapter, "resume": True, **model}),
                    count_in="preferences.jsonl"),
         ]
+        # The policy starts from the engraved model; policy/ is an adapter for the plain base that
+        # includes the engraving (both stages stack it), so chat and evaluate take it alone.
+        if policy == "dpo":
+            stages.append(_Stage("dpo", "dpo", "policy/",
+                                 flags("dpo", "dpo", {"input": "preferences.jsonl", "output_dir": "policy",
+                                                      "adapter": final_adapter, "resume": True, "assistant_name": name,
+                                                      **model}),
+                                 count_in="preferences.jsonl"))
+        else:
+            stages.append(_Stage("rl", "rl", "policy/",
+                                 flags("rl", "rl", {"input": "prompts.jsonl", "rm": "reward_model", "output_dir": "policy",
+                                                    "adapter": final_adapter, "resume": True, "assistant_name": name,
+                                                    **model}),
+                                 count_in="prompts.jsonl"))
+    engraved = final_adapter
+    if o.get("salmon"):
+        final_adapter = "policy"
     chat = {"prompt": str(o["sample_question"]), "adapter": final_adapter, "assistant_name": name,
             **{k: v for k, v in model.items()}, **window}
     stages.append(_Stage("chat", "chat", "sample_chat.jsonl", flags("chat", "chat", chat)))
@@ -247,18 +292,25 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
         stages += [
             _Stage("evaluate-base", "evaluate", "eval_base/", flags("evaluate-base", "evaluate", {"output_dir": "eval_base", **ev})),
             _Stage("evaluate-engraved", "evaluate", "eval_engraved/",
-                   flags("evaluate-engraved", "evaluate", {"output_dir": "eval_engraved", "adapter": final_adapter,
+                   flags("evaluate-engraved", "evaluate", {"output_dir": "eval_engraved", "adapter": engraved,
                                                             "assistant_name": name, "compare": "eval_base", **ev})),
         ]
+        if o.get("salmon"):  # the three side by side: base, engraved, optimised
+            stages.append(_Stage("evaluate-policy", "evaluate", "eval_policy/",
+                                 flags("evaluate-policy", "evaluate",
+                                       {"output_dir": "eval_policy", "adapter": "policy", "assistant_name": name,
+                                        "compare": ["eval_base", "eval_engraved"], **ev})))
     for stage in stages:
         stage.flags = {k: v for k, v in stage.flags.items() if v is not None}
-    # What must not change between the runs that share a work directory (--verbose_clone may be
-    # added later: it only appends stages).
+    # What must not change between the runs that share a work directory (--verbose_clone, --salmon
+    # and --evaluate may be added later: they only append stages; --policy is a LATE_KEYS one).
     key = {"ckpt_dir": o["ckpt_dir"], "tokenizer_path": o["tokenizer_path"], "method": o["method"],
            "num_prompts": num_prompts, "sources": o["sources"], "assistant_name": name, "seed": o["seed"],
            "stage_flags": extra}
     if o.get("max_seq_len") is not None:  # absent from the key otherwise: earlier work directories still match
         key["max_seq_len"] = o["max_seq_len"]
+    if o.get("salmon"):
+        key["policy"] = policy
     return stages, key
 
 
@@ -282,7 +334,7 @@ def _json_literals(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-_PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter", "compare")
+_PATH_FLAGS = ("input", "output", "rejected", "output_dir", "adapter", "compare", "rm")
 
 
 def _afresh_if_inputs_changed(stage: _Stage, earlier: list[_Stage], rerun_from: str) -> _Stage:
@@ -294,18 +346,36 @@ def _afresh_if_inputs_changed(stage: _Stage, earlier: list[_Stage], rerun_from: 
     ran = names[names.index(rerun_from):] if rerun_from in names else []
     if not ran or "overwrite" in stage.flags:
         return stage
-    if stage.command in ("finetune", "reward-model") and stage.flags.get("resume") is True:
+    if stage.command in ("finetune", "reward-model", "dpo", "rl") and stage.flags.get("resume") is True:
         return replace(stage, flags={**stage.flags, "resume": False, "overwrite": True})
     adapter = stage.flags.get("adapter")
-    if stage.command in ("verbose-clone", "preferences") and any(s.output == f"{adapter}/" for s in earlier if s.name in ran):
+    # evaluate too: its items were scored with the old adapter, which has the same path.
+    if stage.command in ("verbose-clone", "preferences", "evaluate") and any(s.output == f"{adapter}/" for s in earlier if s.name in ran):
         return replace(stage, flags={**stage.flags, "overwrite": True})
     return stage
 
 
+def _command(name: str) -> Callable:
+    try:
+        return cli.load(name)
+    except (KeyError, ImportError) as err:
+        if name != "rl":
+            raise
+        # `dromedary rl` comes with its own module; an installation without it can still run --policy dpo.
+        raise ValueError(f"--policy rl needs the rl stage (dromedary.stages.rl), which this installation cannot "
+                         f"load ({type(err).__name__}: {err}): use --policy dpo, or a dromedary that has "
+                         "`dromedary rl`") from None
+
+
+def _in_work(work: Path, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_in_work(work, v) for v in value]
+    return str(work / value) if isinstance(value, str) and not os.path.isabs(value) else value
+
+
 def _run(stage: _Stage, work: Path, world: distributed.World, waiting) -> None:
-    flags = {k: (str(work / v) if k in _PATH_FLAGS and isinstance(v, str) and not os.path.isabs(v) else v)
-             for k, v in stage.flags.items()}
-    command = cli.load(stage.command)
+    flags = {k: (_in_work(work, v) if k in _PATH_FLAGS else v) for k, v in stage.flags.items()}
+    command = _command(stage.command)
     if stage.command == "chat":
         _sample_chat(command, flags, work / stage.output, world)
     elif stage.rank0_only:
@@ -371,11 +441,30 @@ def _load_state(work: Path, key: dict) -> dict:
         state = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg}); move it aside to start the pipeline afresh") from None
-    changed = [k for k in key if state.get("options", {}).get(k) != key[k]]
+    stored = state.setdefault("options", {})
+    late = {k: key[k] for k in LATE_KEYS if k in key and k not in stored}
+    changed = [k for k in key if k not in late and stored.get(k) != key[k]]
+    # The old policy's outputs: its adapter, and the items evaluate scored with it (same path, so
+    # evaluate would resume them).
+    made = [str(work / name) for name in POLICY_OUTPUTS if _exists(work / name)]
+    if "policy" in changed and not made:
+        # Nothing was made with the old policy (a run stopped before it, or its outputs were moved
+        # aside): take the new one.
+        changed.remove("policy")
+        state["stages"].pop(stored["policy"], None)
+        late["policy"] = key["policy"]
+    if changed == ["policy"]:
+        old, new = stored["policy"], key["policy"]
+        raise ValueError(f"{work} holds the output of --policy {old} ({', '.join(made)}): rerun with --policy {old}, "
+                         f"use another --workdir, or move {' and '.join(made)} aside to optimise with --policy {new} "
+                         "(the preferences and the reward model are kept)")
     if changed:
         was = ", ".join(f"--{k} {state['options'].get(k)!r}" for k in changed)
         raise ValueError(f"{work} holds a pipeline run with other options ({was}): rerun with those, use another "
                          f"--workdir, or delete {path} and the outputs to start afresh")
+    if late:
+        stored.update(late)
+        _write_state(work, state)
     return state
 
 
