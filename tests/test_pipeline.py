@@ -220,8 +220,8 @@ def test_salmon_dpo_plan_trains_on_the_preferences_from_the_engraving_and_chats_
     assert by_name["chat"].flags["adapter"] == "policy"
     real = {s.name: s.flags for s in _plan(options(salmon=True, ckpt_dir="/models/llama-2-7b"))[0]}
     assert "max_steps" not in real["dpo"] and real["dpo"]["ckpt_dir"] == "/models/llama-2-7b"
-    # Without --salmon, --policy plans nothing and the chat keeps the engraving.
-    plain = {s.name: s.flags for s in _plan(options(policy="rl"))[0]}
+    # Without --salmon no policy stage is planned and the chat keeps the engraving.
+    plain = {s.name: s.flags for s in _plan(options())[0]}
     assert "rl" not in plain and "dpo" not in plain and plain["chat"]["adapter"] == "adapter"
 
 
@@ -254,6 +254,12 @@ def test_another_policy_is_taken_only_where_the_old_one_left_nothing(tmp_path):
     assert state["options"]["policy"] == "rl" and "dpo" not in state["stages"]
     assert json.loads((work / STATE_FILE).read_text()) == state
     _load_state(work, key)  # a later run without --salmon still matches
+
+
+def test_policy_rl_without_salmon_is_refused():
+    with pytest.raises(ValueError, match="--policy rl chooses how --salmon"):
+        _plan(options(policy="rl"))
+    assert "dpo" not in [s.name for s in _plan(options())[0]]  # the default policy plans nothing on its own
 
 
 def test_salmon_rl_plan_has_the_rl_flags():

@@ -131,7 +131,7 @@ def pipeline(
       sources: for --method import: {source: path or dataset}, see `dromedary generate-prompts --help`.
       verbose_clone: also run verbose cloning: the engraved model answers every sft record in detail, and a second adapter (adapter_verbose/) is trained on those answers, on the base model.
       salmon: after engraving, run Dromedary-2's SALMON stages: preferences (two answers per prompt from the engraved model, judged on every reward principle: preferences.jsonl), reward-model (an instructable reward model trained on them: reward_model/) and the policy optimisation of --policy (policy/, an adapter for the plain base that includes the engraving); the sample chat turn then uses policy/.
-      policy: with --salmon, how the engraved model is optimised into policy/: dpo (`dromedary dpo` on preferences.jsonl directly) or rl (`dromedary rl`: PPO on prompts.jsonl against reward_model/). Fixed for WORKDIR once policy/ holds its output (another is refused); to switch, move WORKDIR/policy (and eval_policy) aside.
+      policy: with --salmon (refused without it), how the engraved model is optimised into policy/: dpo (`dromedary dpo` on preferences.jsonl directly) or rl (`dromedary rl`: PPO on prompts.jsonl against reward_model/). Fixed for WORKDIR once policy/ holds its output (another is refused); to switch, move WORKDIR/policy (and eval_policy) aside.
       assistant_name: the assistant's public name (curate renames the self-align codename to it; finetune and chat use it).
       sample_question: the question of the final sample chat turn.
       stage_flags: extra flags per stage, e.g. --stage_flags '{"self-align": {"max_new_tokens": 384}, "finetune": {"learning_rate": 1e-4}}' (stages: generate-prompts, self-align, curate, finetune, verbose-clone, finetune-verbose, preferences, reward-model, dpo, rl, chat, evaluate-base, evaluate-engraved, evaluate-policy).
@@ -210,6 +210,8 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
     policy = o.get("policy", "dpo")
     if policy not in ("dpo", "rl"):
         raise ValueError(f"--policy must be dpo or rl, got {policy!r}")
+    if policy != "dpo" and not o.get("salmon"):
+        raise ValueError(f"--policy {policy} chooses how --salmon optimises the engraved model: add --salmon")
     if not isinstance(extra, dict) or set(extra) - names or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"--stage_flags must be a JSON object {{stage: {{flag: value}}}} with stages among "
                          f"{', '.join(sorted(names))}")
