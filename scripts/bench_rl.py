@@ -49,6 +49,8 @@ from dromedary.llama import checkpoint, lora  # noqa: E402
 from dromedary.llama.model import ModelArgs  # noqa: E402
 from dromedary.stages import dpo as dpo_stage  # noqa: E402
 
+from bench_finetune import _tiny_tokenizer  # noqa: E402  (scripts/ is on the path: this script's folder)
+
 EOS = 2
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -271,16 +273,6 @@ def main() -> None:
             rl_section(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tiny_tokenizer(path: Path) -> None:
-    import sentencepiece as spm
-
-    words = "the camel walks across desert sand water river city people good helpful honest answer".split()
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(300)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")),
-                                   vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
 
 
 if __name__ == "__main__":

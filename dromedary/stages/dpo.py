@@ -40,7 +40,8 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import dpo as dpo_recipe
 from ..recipe import policy, sft, templates
-from .finetune import _WHAT, _latest_checkpoint, _prepare_output, _save, _split, lr_factor, open_log, restore
+from .finetune import (_latest_checkpoint, _prepare_output, _save, _split,
+                       _WHAT, check_training_world, lr_factor, open_log, restore)
 
 _OUTPUTS = ("checkpoints", "dpo_pairs.jsonl", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl",
             "dpo.provenance.json")
@@ -363,12 +364,5 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError("--lora_dropout, --warmup_ratio and --eval_fraction must lie in [0, 1)")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
-    if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
-        raise ValueError("fp16 needs loss scaling, which dpo does not do: pass --dtype fp32 or --dtype bf16")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    mp = o["model_parallel_size"] or world
-    dp = world // mp if mp and world % mp == 0 else 1  # a bad --model_parallel_size is reported by the builder
-    if o["batch_size"] % (o["micro_batch_size"] * dp):
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of --micro_batch_size "
-                         f"{o['micro_batch_size']} x {dp} data-parallel groups")
+    check_training_world(o, "dpo", o["micro_batch_size"])
     return lora.parse_targets(o["lora_target_modules"])

@@ -239,19 +239,27 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError("pass either --eval_input or --eval_fraction, not both")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
+    check_training_world(o, "finetune", o["micro_batch_size"])
+    return lora.parse_targets(o["lora_target_modules"])
+
+
+def check_training_world(o: dict, stage: str, micro_batch_size: Optional[int]) -> int:
+    """What every training stage checks before model work (finetune, reward-model, dpo, rl): no
+    fp16, and a --batch_size that --micro_batch_size (None: no micro-batches) times the
+    data-parallel groups divides. Returns the number of data-parallel groups."""
     # The dtype the builder will pick, not just the flag: without --dtype a GPU older than Ampere
     # gets fp16 (distributed.pick_dtype).
     if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
         given = f"--dtype {o['dtype']}" if o["dtype"] else "fp16 (the default on a GPU without native bf16)"
-        raise ValueError(f"{given} needs loss scaling, which finetune does not do: pass --dtype fp32 "
+        raise ValueError(f"{given} needs loss scaling, which {stage} does not do: pass --dtype fp32 "
                          "(or --dtype bf16 on a GPU of compute capability 8.0 or later)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     mp = o["model_parallel_size"] or world
     dp = world // mp if mp and world % mp == 0 else 1  # a bad --model_parallel_size is reported by the builder
-    if o["batch_size"] % (o["micro_batch_size"] * dp):
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of --micro_batch_size "
-                         f"{o['micro_batch_size']} x {dp} data-parallel groups")
-    return lora.parse_targets(o["lora_target_modules"])
+    if o["batch_size"] % ((micro_batch_size or 1) * dp):
+        per = f"--micro_batch_size {micro_batch_size} x " if micro_batch_size else "the "
+        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of {per}{dp} data-parallel groups")
+    return dp
 
 
 def _prepare_output(out: Path, overwrite: bool, outputs: tuple[str, ...] = _OUTPUTS) -> None:

@@ -33,7 +33,7 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import preferences as salmon
 from ..recipe import sft
-from .finetune import lr_factor, open_log, restore
+from .finetune import check_training_world, lr_factor, open_log, restore
 
 _RESUME_KEYS = ("passes", "max_principles", "geometric_p", "negate_p", "language_rule", "disclaimer_rule",
                 "label_noise", "eval_fraction", "max_len", "lora_r", "lora_alpha", "lora_dropout",
@@ -338,14 +338,7 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError("--lora_dropout, --warmup_ratio and --eval_fraction must lie in [0, 1)")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
-    if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
-        raise ValueError("fp16 needs loss scaling, which reward-model does not do: pass --dtype fp32 or --dtype bf16")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    mp = o["model_parallel_size"] or world
-    dp = world // mp if mp and world % mp == 0 else 1
-    if o["batch_size"] % (o["micro_batch_size"] * dp):
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of --micro_batch_size "
-                         f"{o['micro_batch_size']} x {dp} data-parallel groups")
+    check_training_world(o, "reward-model", o["micro_batch_size"])
     return lora.parse_targets(o["lora_target_modules"])
 
 

@@ -51,7 +51,7 @@ from ..llama import lora
 from ..recipe import policy as policy_lp
 from ..recipe import ppo, rl_principles, sft, templates
 from ..recipe import preferences as salmon
-from .finetune import _latest_checkpoint, _prepare_output, _save, lr_factor, open_log, restore
+from .finetune import _latest_checkpoint, _prepare_output, _save, check_training_world, lr_factor, open_log, restore
 
 _RESUME_KEYS = ("assistant_name", "knowledge_cutoff", "source_max_len", "max_new_tokens", "temperature", "top_p",
                 "max_principles", "geometric_p", "kl_coef", "gamma", "lam", "cliprange", "cliprange_value",
@@ -482,13 +482,7 @@ def _check_flags(o: dict) -> tuple[str, ...]:
         raise ValueError(f"--warmup_ratio must lie in [0, 1), got {o['warmup_ratio']}")
     if o["resume"] and o["overwrite"]:
         raise ValueError("--resume continues OUTPUT_DIR and --overwrite starts it afresh: pass one of them")
-    if distributed.pick_dtype(distributed.pick_device(), o["dtype"]) == torch.float16:
-        raise ValueError("fp16 needs loss scaling, which rl does not do: pass --dtype fp32 or --dtype bf16")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    mp = o["model_parallel_size"] or world
-    dp = world // mp if mp and world % mp == 0 else 1
-    if o["batch_size"] % dp:
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {dp} data-parallel groups")
+    check_training_world(o, "rl", None)
     return lora.parse_targets(o["lora_target_modules"])
 
 
