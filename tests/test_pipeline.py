@@ -152,6 +152,18 @@ def options(**changes):
     return {**o, **changes}
 
 
+def test_backend_goes_to_the_generating_stages_only():
+    stages, key = _plan(options(verbose_clone=True, salmon=True, backend="vllm"))
+    by_name = {s.name: s.flags for s in stages}
+    assert [n for n, f in by_name.items() if "backend" in f] == ["generate-prompts", "self-align", "verbose-clone"]
+    assert all(by_name[n]["backend"] == "vllm" for n in ("generate-prompts", "self-align", "verbose-clone"))
+    assert "backend" not in key  # a work directory may switch engines between runs
+    default, _ = _plan(options(verbose_clone=True))
+    assert not any("backend" in s.flags for s in default)  # earlier work directories' flags are unchanged
+    with pytest.raises(ValueError, match="backend"):
+        _plan(options(backend="tgi"))
+
+
 def test_tiny_settings_only_without_a_checkpoint():
     tiny, key = _plan(options())
     assert [s.name for s in tiny] == ["generate-prompts", "self-align", "curate", "finetune", "chat"]

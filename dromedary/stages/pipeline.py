@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal, Optional
 import torch.distributed as dist
 
 from .. import cli, distributed, records
+from ..engine.backends import check_backend
 from ..recipe import templates
 
 Method = Literal["tgrt", "self-instruct", "import"]
@@ -102,6 +103,7 @@ def pipeline(
     evaluate: bool = False,
     eval_data: Optional[dict] = None,
     eval_protocol: str = "lm-eval",
+    backend: str = "our",
 ) -> None:
     """Run the whole recipe into WORKDIR: prompts, self-align, curate, finetune (principle engraving),
     optionally verbose-clone and a second finetune, optionally SALMON (preferences, reward model,
@@ -142,6 +144,7 @@ def pipeline(
       evaluate: at the end, evaluate the base model (eval_base/) and the engraved one (eval_engraved/) with `dromedary evaluate` and print both side by side; with --salmon also the optimised one (eval_policy/), the three side by side.
       eval_data: the benchmarks for --evaluate, as `dromedary evaluate --data` takes them, e.g. '{"truthfulqa": PATH, "hhh": PATH}'. Default: the hub names (needs the network).
       eval_protocol: lm-eval or dromedary, as `dromedary evaluate --protocol`.
+      backend: the engine of the stages that generate with one model (generate-prompts, self-align, verbose-clone): our (this package's, under torchrun) or vllm (one process; vLLM's tensor parallelism over MODEL_PARALLEL_SIZE GPUs; needs pip install 'dromedary[vllm]'). Same records either way, so a work directory may switch between runs. The training stages, preferences, chat and evaluate run on ours.
     """
     stages, key = _plan(locals())
     work = Path(workdir)
@@ -219,18 +222,24 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
              "model_parallel_size": o["model_parallel_size"], "dtype": o["dtype"], "seed": o["seed"]}
     name = o["assistant_name"]
     window = {"max_seq_len": o.get("max_seq_len")}  # the generating stages; finetune sizes its own
+    backend = o.get("backend", "our")
+    check_backend(backend)
+    # Named only when it is not the default, so the flags of earlier work directories stay as they were.
+    engine = {"backend": backend} if backend != "our" else {}
 
     def flags(stage: str, command: str, base: dict) -> dict:
         preset = TINY_FLAGS.get(command, {}) if tiny and not (command == "generate-prompts" and o["method"] == "import") else {}
         return {**preset, **base, **extra.get(stage, {})}
 
-    prompts = {"method": o["method"], "output": "prompts.jsonl", "num_prompts": num_prompts, **model, **window}
+    prompts = {"method": o["method"], "output": "prompts.jsonl", "num_prompts": num_prompts, **model, **window,
+               **engine}
     if o["sources"]:
         prompts["sources"] = o["sources"]
     stages = [
         _Stage("generate-prompts", "generate-prompts", "prompts.jsonl", flags("generate-prompts", "generate-prompts", prompts)),
         _Stage("self-align", "self-align", "self_align.jsonl",
-               flags("self-align", "self-align", {"input": "prompts.jsonl", "output": "self_align.jsonl", **model, **window}),
+               flags("self-align", "self-align", {"input": "prompts.jsonl", "output": "self_align.jsonl", **model,
+                                                  **window, **engine}),
                count_in="prompts.jsonl"),
         _Stage("curate", "curate", "sft.jsonl",
                flags("curate", "curate", {"input": "self_align.jsonl", "output": "sft.jsonl",
@@ -247,7 +256,7 @@ def _plan(o: dict) -> tuple[list[_Stage], dict]:
             _Stage("verbose-clone", "verbose-clone", "verbose.jsonl",
                    flags("verbose-clone", "verbose-clone", {"input": "sft.jsonl", "output": "verbose.jsonl",
                                                             "rejected": "verbose_rejected.jsonl", "adapter": "adapter",
-                                                            "assistant_name": name, **model, **window}),
+                                                            "assistant_name": name, **model, **window, **engine}),
                    count_in="sft.jsonl", extra_outputs=["verbose_rejected.jsonl"]),
             # Verbose cloning trains a fresh adapter on the base model, as in the Dromedary recipe.
             _Stage("finetune-verbose", "finetune", "adapter_verbose/",
