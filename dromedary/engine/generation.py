@@ -472,10 +472,14 @@ class Engine:
         own = [seqs[j][skip:] for j in batch]
         width = max(len(s) for s in own)
         tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
-        for b, s in enumerate(own):
+        # Logits only where a scored token is predicted: each row's last longest[j] positions.
+        wanted = torch.zeros(len(batch), width, dtype=torch.bool)
+        for b, (j, s) in enumerate(zip(batch, own)):
             tokens[b, : len(s)] = torch.tensor(s, device=self.device)
+            wanted[b, len(s) - longest[j] : len(s)] = True
+        wanted = wanted.to(self.device)
         if prefix is None:
-            logits = self.model(tokens)  # (B, width, vocab)
+            logits = self.model(tokens, output_mask=wanted)  # (N, vocab), N = sum of longest[j]
         else:
             cache = KVCache.allocate(self.model, len(batch), common + width, device=self.device, dtype=self.dtype)
             cache.prefix_k, cache.prefix_v = prefix.cache.prefix_k, prefix.cache.prefix_v
@@ -488,9 +492,9 @@ class Engine:
                 for rows_kv, block_kv in zip(cache.k + cache.v, block.k + block.v):
                     rows_kv[:, :, :common] = block_kv  # (B, kvh, common, D) <- (1, kvh, common, D)
             positions = skip + torch.arange(width, device=self.device)[None].expand(len(batch), width)
-            logits = self.model(tokens, positions, cache)  # (B, width, vocab)
-        for b, (j, s) in enumerate(zip(batch, own)):
-            logprobs[j] = torch.log_softmax(logits[b, len(s) - longest[j] : len(s)].float(), dim=-1)
+            logits = self.model(tokens, positions, cache, output_mask=wanted)  # (N, vocab)
+        for j, rows in zip(batch, logits.split([longest[j] for j in batch])):
+            logprobs[j] = torch.log_softmax(rows.float(), dim=-1)
 
 
 

@@ -572,6 +572,7 @@ class Transformer(nn.Module):
         *,
         prefix_only: bool = False,
         output_index: Optional[torch.Tensor] = None,
+        output_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits over the real vocabulary (padding rows never reach the output).
 
@@ -579,7 +580,9 @@ class Transformer(nn.Module):
         Inference: `positions` (B, T) are each new token's absolute position (counting a shared
         prefix). With `prefix_only` the tokens (1, P) fill `cache`'s shared prefix; otherwise each
         row's keys go to cache slot `position - prefix_len` and attend to the prefix plus that row's
-        earlier slots. `output_index` (B,) picks one position per row -> logits (B, 1, vocab).
+        earlier slots. `output_index` (B,) picks one position per row -> logits (B, 1, vocab);
+        `output_mask` (B, T) bool picks the positions where it is True, in row-major order -> (N,
+        vocab): the output projection (vocab x dim) runs only where logits are wanted.
         """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -598,6 +601,8 @@ class Transformer(nn.Module):
                 h = layer(h, rope, step)
         if output_index is not None:
             h = h[torch.arange(bsz, device=h.device), output_index][:, None]
+        elif output_mask is not None:
+            h = h[output_mask]  # (N, dim)
         logits = project(self.output, self.norm(h))
         return logits[..., : self.args.vocab_size]
 
