@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared check for a GPU machine (no GPU has run this code before it): about 5 minutes
-# on one GPU, well under 8. Run it from the repository root whenever a session has a GPU:
+# The one prepared check for a GPU machine (no GPU has run this code before it): about 6 minutes
+# on one GPU, well under 9. Run it from the repository root whenever a session has a GPU:
 #
 #   scripts/gpu_check.sh              # on the GPU machine
 #   scripts/gpu_check.sh --dry-run    # every piece on the CPU at small sizes (no GPU needed)
@@ -11,6 +11,8 @@
 #    checkpoint (ragged rows and a shared prefix), fp32, compared with the same run on the CPU.
 # 3. scripts/bench_generate.py on a 1.1B model: W1, W2, W3 on the GPU against HF `generate`, and
 #    decode bytes/s against the measured copy bandwidth and the GPU's nominal bandwidth.
+# 4. scripts/bench_rl.py in bf16: dpo's optimisation tokens/s (against TRL's DPOTrainer where trl
+#    is installed) and two steps of `dromedary rl` (rollout and optimisation tokens/s).
 # It ends with one table: each piece, its status, its seconds and what it measured.
 #
 # Environment: PYTHON (default: python3, or .venv/bin/python when present), PEAK_GBS (nominal
@@ -149,6 +151,25 @@ else
 fi
 
 # ---------------------------------------------------------------- the table
+# ---------------------------------------------------------------- 4. policy optimisation: dpo (and TRL where installed), rl
+start=$SECONDS
+if [[ $DEVICE == cuda ]]; then
+    RLB=(--device cuda --dtype bf16 --steps 3 --rl_steps 2)
+else
+    RLB=(--threads 1 --steps 1 --rl_steps 1)
+fi
+timeout 240 "$PYTHON" scripts/bench_rl.py "${RLB[@]}" >"$WORK/bench_rl.log" 2>&1
+rc=$?
+cat "$WORK/bench_rl.log"
+if [[ $rc == 0 ]]; then
+    row "bench_rl" ok $((SECONDS - start)) "${RLB[*]}"
+    while IFS= read -r line; do
+        row "  ${line%%:*}" "" "" "${line#*: }"
+    done < <(grep -E '^(ratio|RL: |  step )' "$WORK/bench_rl.log")
+else
+    row "bench_rl" "$([[ $rc == 124 ]] && echo TIMEOUT || echo FAIL)" $((SECONDS - start)) "exit $rc; see above"
+fi
+
 echo
 echo "gpu_check on $GPU_NAME ($NGPU GPUs), $(date -u +%Y-%m-%dT%H:%MZ)$([[ $DRY == 1 ]] && echo ', DRY RUN on the CPU')"
 printf '%-20s %-8s %5s  %s\n' piece status s detail
