@@ -12,7 +12,7 @@ scoring: `dromedary reward`, reranking, and the policy stage.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -41,33 +41,13 @@ class RewardHead(nn.Module):
         return self.proj(hidden.float()).squeeze(-1)
 
 
-@contextmanager
-def _capture_last(model, last: torch.Tensor, out: list):
-    """Within the block the final norm sees only the rows' last positions, (B, dim), and its
-    output is kept: the output projection (vocab x dim) runs on B rows, not B x T."""
-    rows = torch.arange(len(last), device=last.device)
-    pre = model.norm.register_forward_pre_hook(lambda _, args: (args[0][rows, last],))
-    post = model.norm.register_forward_hook(lambda _, __, output: out.append(output))
-    try:
-        yield
-    finally:
-        pre.remove()
-        post.remove()
-
-
 def last_hidden(model, tokens: torch.Tensor, lengths: Sequence[int], autocast=None) -> torch.Tensor:
     """(B, dim): the final-normed hidden state at each right-padded row's last real token.
     Causal attention: the padding after a row's last token never reaches it. Under model
     parallelism every rank holds the whole (replicated) hidden state."""
     last = torch.tensor([n - 1 for n in lengths], device=tokens.device)
-    out: list[torch.Tensor] = []
-    with _capture_last(model, last, out):
-        if autocast is not None:
-            with autocast:
-                model(tokens)
-        else:
-            model(tokens)
-    return out[0]
+    with autocast if autocast is not None else nullcontext():
+        return model(tokens, output_index=last, return_hidden=True)[:, 0]  # no output projection
 
 
 def encode(tok, text: str, max_len: int) -> list[int]:

@@ -573,6 +573,7 @@ class Transformer(nn.Module):
         prefix_only: bool = False,
         output_index: Optional[torch.Tensor] = None,
         output_mask: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits over the real vocabulary (padding rows never reach the output).
 
@@ -583,6 +584,8 @@ class Transformer(nn.Module):
         earlier slots. `output_index` (B,) picks one position per row -> logits (B, 1, vocab);
         `output_mask` (B, T) bool picks the positions where it is True, in row-major order -> (N,
         vocab): the output projection (vocab x dim) runs only where logits are wanted.
+        `return_hidden`: the final-normed hidden states of those positions instead, (..., dim), and
+        no output projection at all (reward and value heads read them).
         """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -603,7 +606,10 @@ class Transformer(nn.Module):
             h = h[torch.arange(bsz, device=h.device), output_index][:, None]
         elif output_mask is not None:
             h = h[output_mask]  # (N, dim)
-        logits = project(self.output, self.norm(h))
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        logits = project(self.output, h)
         return logits[..., : self.args.vocab_size]
 
     def _step(self, cache: KVCache, positions, bsz: int, seqlen: int, prefix_only: bool, device, dtype) -> Step:

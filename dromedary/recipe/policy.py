@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sft import IGNORE, _only_positions
+from .sft import IGNORE
 
 
 def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, autocast=nullcontext(), *,
@@ -31,8 +31,8 @@ def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, autocast=n
     """
     target = labels[:, 1:]
     mask = target != IGNORE  # (B, T-1)
-    with autocast, _only_positions(model, mask):
-        logits = model(tokens[:, :-1])  # (N, vocab)
+    with autocast:
+        logits = model(tokens[:, :-1], output_mask=mask)  # (N, vocab)
     logsm = F.log_softmax(logits.float(), dim=-1)
     picked = logsm.gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device).masked_scatter(mask, picked)

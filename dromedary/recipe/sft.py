@@ -10,7 +10,7 @@ principles in the prompt.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -90,19 +90,9 @@ def loss_sum(model, tokens: torch.Tensor, labels: torch.Tensor, autocast=nullcon
     largest matmul of a small model) never runs on the prompt or the padding.
     """
     keep = labels[:, 1:] != IGNORE  # (B, T-1): positions whose next token is trained on
-    with autocast, _only_positions(model, keep):
-        logits = model(tokens[:, :-1])  # (N, vocab) for the N kept positions
+    with autocast:
+        logits = model(tokens[:, :-1], output_mask=keep)  # (N, vocab) for the N kept positions
     return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="sum")
-
-
-@contextmanager
-def _only_positions(model, keep: torch.Tensor):
-    """Within the block the final norm, and so the output projection, sees only h[keep]: (N, dim)."""
-    handle = model.norm.register_forward_pre_hook(lambda _, args: (args[0][keep],))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def backward_batch(model, batch: list[Example], micro_batch_size: int, world, *, seed: int,

@@ -361,16 +361,8 @@ def _example(sources, r) -> sft.Example:
 def _values(critic, head, tokens: torch.Tensor, mask: torch.Tensor, autocast) -> torch.Tensor:
     """(N,) values of the N masked positions of tokens[:, :-1] (each the state before the answer
     token it predicts): the value head on the final-normed hidden state there."""
-    kept: list[torch.Tensor] = []
-    pre = critic.norm.register_forward_pre_hook(lambda _, args: (args[0][mask],))
-    post = critic.norm.register_forward_hook(lambda _, __, output: kept.append(output))
-    try:
-        with autocast:
-            critic(tokens[:, :-1])
-    finally:
-        pre.remove()
-        post.remove()
-    return head(kept[0])
+    with autocast:
+        return head(critic(tokens[:, :-1], output_mask=mask, return_hidden=True))
 
 
 def _gather(mine: list[dict], world) -> list[dict]:
