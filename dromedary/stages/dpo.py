@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -35,12 +34,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .. import distributed, records
+from .. import records
 from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import dpo as dpo_recipe
 from ..recipe import policy, sft, templates
-from .finetune import (_latest_checkpoint, _prepare_output, _save, _split,
+from .finetune import (_latest_checkpoint, _prepare_output, _publish, _save, _split,
                        _WHAT, check_training_world, lr_factor, open_log, restore)
 
 _OUTPUTS = ("checkpoints", "dpo_pairs.jsonl", lora.CONFIG_FILE, lora.WEIGHTS_FILE, "train_log.jsonl",
@@ -195,7 +194,8 @@ def dpo(
     if start >= total_steps:
         if world.is_main:
             print(f"{out}: already trained {total_steps} steps; nothing to do", file=sys.stderr)
-        _publish(out, total_steps, adapter, loaded, world, provenance=None)  # in case a crash came between the two
+        # In case a crash came between the last checkpoint and the published adapter.
+        _publish(out, total_steps, world, stage="dpo", below=adapter, base=str(loaded.ckpt_dir), provenance=None)
         return
     log = open_log(out / "train_log.jsonl", start, world)
     order = sft.DataOrder(len(train_data), seed)
@@ -236,7 +236,7 @@ def dpo(
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    _publish(out, total_steps, adapter, loaded, world, provenance=dict(
+    _publish(out, total_steps, world, stage="dpo", below=adapter, base=str(loaded.ckpt_dir), provenance=dict(
         command=sys.argv, options=options, model=loaded.name,
         extra={"world_size": world.world_size, "model_parallel_size": world.mp_size, "pairs": counts,
                "train_pairs": len(train_data), "eval_pairs": len(held_data), "steps": [start, total_steps],
@@ -321,27 +321,6 @@ def evaluate(model, data: list[Pair], micro_batch_size: int, world, autocast=nul
     return {k.replace("rewards/", ""): v for k, v in _entry(sft.dp_sum(stats, world), len(data)).items()}
 
 
-def _publish(out: Path, steps: int, sft_adapter: Optional[str], loaded, world, provenance: Optional[dict]) -> None:
-    """OUTPUT_DIR's adapter applies to the plain base: the last checkpoint's adapter, stacked on the
-    engraving when there is one."""
-    if world.is_main:
-        last = out / "checkpoints" / f"step-{steps:07d}"
-        tmp = out / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if sft_adapter:
-            lora.stack_adapters(tmp, sft_adapter, last, str(loaded.ckpt_dir))
-        else:
-            tmp.mkdir()
-            for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
-                shutil.copyfile(last / name, tmp / name)
-        for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
-            os.replace(tmp / name, out / name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if provenance:
-            records.write_provenance(out / "dpo", **provenance)
-            print(f"wrote adapter to {out}" + (f" (the engraving {sft_adapter} and the policy's adapter, stacked)"
-                                               if sft_adapter else ""), file=sys.stderr)
-    distributed.barrier()
 
 
 def _check_flags(o: dict) -> tuple[str, ...]:

@@ -208,16 +208,29 @@ def finetune(
                "eval_records": len(eval_data), "steps": [start, total_steps], "seconds": round(time.time() - started, 2)}))
 
 
-def _publish(out: Path, steps: int, world, provenance: Optional[dict]) -> None:
-    """The final adapter is the last checkpoint's, copied up into OUTPUT_DIR, with provenance."""
+def _publish(out: Path, steps: int, world, provenance: Optional[dict], *, stage: str = "finetune",
+             below: Optional[str] = None, base: Optional[str] = None) -> None:
+    """The final adapter is the last checkpoint's, put into OUTPUT_DIR (each file replaced whole),
+    with STAGE.provenance.json. The policy stages train on the base with the engraving `below`
+    merged in: with one, OUTPUT_DIR gets the two stacked (lora.stack_adapters on `base`), an
+    adapter for the plain base."""
     if world.is_main:
         last = out / "checkpoints" / f"step-{steps:07d}"
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if below:
+            lora.stack_adapters(tmp, below, last, base)
+        else:
+            tmp.mkdir()
+            for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
+                shutil.copyfile(last / name, tmp / name)
         for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
-            shutil.copyfile(last / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
+            os.replace(tmp / name, out / name)
+        shutil.rmtree(tmp, ignore_errors=True)
         if provenance:
-            records.write_provenance(out / "finetune", **provenance)
-            print(f"wrote adapter to {out}", file=sys.stderr)
+            records.write_provenance(out / stage, **provenance)
+            print(f"wrote adapter to {out}" + (f" (the engraving {below} and the policy's adapter, stacked)"
+                                               if below else ""), file=sys.stderr)
     distributed.barrier()
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -51,7 +50,8 @@ from ..llama import lora
 from ..recipe import policy as policy_lp
 from ..recipe import ppo, rl_principles, sft, templates
 from ..recipe import preferences as salmon
-from .finetune import _latest_checkpoint, _prepare_output, _save, check_training_world, lr_factor, open_log, restore
+from .finetune import (_latest_checkpoint, _prepare_output, _publish, _save, check_training_world, lr_factor,
+                       open_log, restore)
 
 _RESUME_KEYS = ("assistant_name", "knowledge_cutoff", "source_max_len", "max_new_tokens", "temperature", "top_p",
                 "max_principles", "geometric_p", "kl_coef", "gamma", "lam", "cliprange", "cliprange_value",
@@ -231,7 +231,7 @@ def rl(
     if start >= steps:
         if world.is_main:
             print(f"{out}: already trained {steps} steps; nothing to do", file=sys.stderr)
-        _publish(out, steps, adapter, loaded, world, provenance=None)
+        _publish(out, steps, world, stage="rl", below=adapter, base=str(loaded.ckpt_dir), provenance=None)
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollouts").mkdir(exist_ok=True)
@@ -283,7 +283,7 @@ def rl(
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    _publish(out, steps, adapter, loaded, world, provenance=dict(
+    _publish(out, steps, world, stage="rl", below=adapter, base=str(loaded.ckpt_dir), provenance=dict(
         command=sys.argv, options=options, model=loaded.name,
         extra={"world_size": world.world_size, "model_parallel_size": world.mp_size, "reward_model": critic.name,
                "steps": [start, steps], "seconds": round(time.time() - started, 2)}))
@@ -484,20 +484,3 @@ def _check_same_tokenizer(tok, rm_tok, rm: str) -> None:
         raise ValueError(f"--rm {rm}: its tokenizer differs from the policy's; the value model reads the policy's "
                          "tokens, so train the reward model on the policy's base (or pass the matching "
                          "--ckpt_dir/--tokenizer_path)")
-
-
-def _publish(out: Path, steps: int, sft_adapter: Optional[str], loaded, world, provenance: Optional[dict]) -> None:
-    """OUTPUT_DIR's adapter applies to the plain base: the trained one alone, or with --adapter the
-    SFT adapter and the trained one stacked into one exact adapter (lora.stack_adapters)."""
-    if world.is_main:
-        last = out / "checkpoints" / f"step-{steps:07d}"
-        if sft_adapter:
-            lora.stack_adapters(out, sft_adapter, last, str(loaded.ckpt_dir))
-        else:
-            for name in (lora.CONFIG_FILE, lora.WEIGHTS_FILE):
-                shutil.copyfile(last / name, out / f".{name}.tmp")
-                os.replace(out / f".{name}.tmp", out / name)
-        if provenance:
-            records.write_provenance(out / "rl", **provenance)
-            print(f"wrote adapter to {out}", file=sys.stderr)
-    distributed.barrier()
