@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -338,7 +338,11 @@ def open_log(path: Path, start: int, world):
 
 
 def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, base: str,
-          keys: tuple[str, ...] = _RESUME_KEYS) -> None:
+          keys: tuple[str, ...] = _RESUME_KEYS, *, params_key: str = "lora",
+          write_extra: Optional[Callable[[Path], None]] = None) -> None:
+    """Checkpoint `step`: NAMED's parameters under `params_key` (as `restore` reads them), and on
+    rank 0 the adapter, `write_extra(dir)` (reward-model's head) and trainer_state.json, the
+    directory renamed into place last and the older checkpoints removed."""
     ckpts = out / "checkpoints"
     tmp, final = ckpts / f"step-{step:07d}.tmp", ckpts / f"step-{step:07d}"
     if world.is_main:
@@ -348,10 +352,12 @@ def _save(out: Path, step: int, model, opt, sched, named, world, options: dict, 
     state = lora.full_state(model, world)
     if world.dp_rank == 0:  # data-parallel replicas hold identical states
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"lora": {n: p.detach().cpu() for n, p, _ in named}, "optimizer": opt.state_dict(),
+        torch.save({params_key: {n: p.detach().cpu() for n, p, _ in named}, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": rng, "step": step}, tmp / f"state.mp{world.mp_rank:02d}.pt")
     if world.is_main:
         lora.write_adapter(tmp, state, model, base)
+        if write_extra is not None:
+            write_extra(tmp)
     distributed.barrier()
     if world.is_main:
         resumable = {k: options[k] for k in keys}

@@ -33,7 +33,8 @@ from ..engine.builder import build, resolve_ckpt_dir
 from ..llama import lora
 from ..recipe import preferences as salmon
 from ..recipe import sft
-from .finetune import check_training_world, lr_factor, open_log, restore
+from .finetune import (_WHAT, _is_rank0, _latest_checkpoint, _prepare_output, _save, check_training_world,
+                       lr_factor, open_log, restore)
 
 _RESUME_KEYS = ("passes", "max_principles", "geometric_p", "negate_p", "language_rule", "disclaimer_rule",
                 "label_noise", "eval_fraction", "max_len", "lora_r", "lora_alpha", "lora_dropout",
@@ -41,6 +42,11 @@ _RESUME_KEYS = ("passes", "max_principles", "geometric_p", "negate_p", "language
                 "weight_decay", "max_grad_norm", "seed", "total_steps", "pairs_digest", "base_model", "tokenizer",
                 "sft_adapter")
 PREFERENCE_FIELDS = ("id", "instruction", "input", "output_1", "output_2", "scores")
+_OUTPUTS = ("checkpoints", "pairs.jsonl", lora.CONFIG_FILE, lora.WEIGHTS_FILE, reward.HEAD_FILE, reward.META_FILE,
+            "train_log.jsonl", "instructability.json", "reward_model.provenance.json")
+# What the resume check names for the keys that are not flags.
+_NAMES = {**_WHAT, "pairs_digest": "preference records or pair settings (--input, --passes, --principles, ...)",
+          "sft_adapter": "--adapter (its content)"}
 
 
 def reward_model(
@@ -152,10 +158,10 @@ def reward_model(
                    base_model=records.path_identity(resolve_ckpt_dir(ckpt_dir)),
                    tokenizer=records.path_identity(tokenizer_path), sft_adapter=records.path_identity(adapter))
     out = Path(output_dir)
-    resume_from = _latest_checkpoint(out, options) if resume else None
+    resume_from = _latest_checkpoint(out, options, _RESUME_KEYS, _NAMES) if resume else None
     if not resume:
-        _prepare_output(out, overwrite)
-    if _rank() == 0:
+        _prepare_output(out, overwrite, _OUTPUTS)
+    if _is_rank0():
         print(f"reward-model: {len(pairs)} pairs from {len(prefs)} preference records ({len(train)} train, "
               f"{len(held)} held out); " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "pairs"),
               file=sys.stderr)
@@ -221,7 +227,8 @@ def reward_model(
                                                   else ""), refresh=False)
         bar.update(1)
         if done or (save_steps and (step + 1) % save_steps == 0):
-            _save(out, step + 1, model, head, opt, sched, named, world, options, loaded.name, meta)
+            _save(out, step + 1, model, opt, sched, named, world, options, loaded.name, _RESUME_KEYS,
+                  params_key="params", write_extra=lambda d: reward.save_head(d, head, meta))
         if kill_after and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
@@ -353,71 +360,3 @@ def _split(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], l
     return ([p for p in pairs if p["id"].rsplit("#", 1)[0] not in held],
             [p for p in pairs if p["id"].rsplit("#", 1)[0] in held])
 
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-_OUTPUTS = ("checkpoints", "pairs.jsonl", lora.CONFIG_FILE, lora.WEIGHTS_FILE, reward.HEAD_FILE, reward.META_FILE,
-            "train_log.jsonl", "instructability.json", "reward_model.provenance.json")
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out}: output directory is not empty (pass --resume to continue its run, "
-                                  "or --overwrite to start afresh)")
-        if _rank() == 0:
-            old = [out / n for n in _OUTPUTS if (out / n).exists()]
-            if old:
-                backup = records.backup_path(out.resolve())
-                backup.mkdir()
-                for path in old:
-                    os.replace(path, backup / path.name)
-                print(f"{out}: --overwrite: moved the old outputs to {backup}", file=sys.stderr)
-
-
-def _save(out: Path, step: int, model, head, opt, sched, named, world, options: dict, base: str, meta: dict) -> None:
-    ckpts = out / "checkpoints"
-    tmp, final = ckpts / f"step-{step:07d}.tmp", ckpts / f"step-{step:07d}"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    state = lora.full_state(model, world)
-    if world.dp_rank == 0:
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"params": {n: p.detach().cpu() for n, p, _ in named}, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng, "step": step}, tmp / f"state.mp{world.mp_rank:02d}.pt")
-    if world.is_main:
-        lora.write_adapter(tmp, state, model, base)
-        reward.save_head(tmp, head, meta)
-    distributed.barrier()
-    if world.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "model_parallel_size": world.mp_size, "options": {k: options[k] for k in _RESUME_KEYS}},
-            indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in ckpts.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
-
-
-def _latest_checkpoint(out: Path, options: dict) -> Optional[Path]:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*")
-                  if (p / "trainer_state.json").exists() and not p.name.endswith(".tmp"))
-    if not done:
-        if _rank() == 0:
-            print(f"{out}: no checkpoint to resume; starting from step 0", file=sys.stderr)
-        return None
-    meta = json.loads((done[-1] / "trainer_state.json").read_text())
-    digest = lambda v: v["digest"] if isinstance(v, dict) and "digest" in v else v  # noqa: E731
-    changed = [k for k in _RESUME_KEYS if digest(meta["options"].get(k)) != digest(options[k])]
-    if changed:
-        raise ValueError(f"{done[-1]}: cannot resume: it was trained with other "
-                         f"{', '.join('--' + k for k in changed)}; rerun with those, or pass --overwrite")
-    if meta["model_parallel_size"] != (options["model_parallel_size"] or int(os.environ.get("WORLD_SIZE", 1))):
-        raise ValueError(f"{done[-1]}: saved at --model_parallel_size {meta['model_parallel_size']}; resume with that")
-    return done[-1]
