@@ -92,6 +92,31 @@ def console_script() -> Optional[str]:
     return str(beside) if beside.exists() else shutil.which("dromedary")
 
 
+def run_cli(argv) -> int:
+    """`dromedary ARGV...` in this process. The CLI tears the process groups down when it ends;
+    the one-process world is set up again for the models the session's other tests hold."""
+    from dromedary import cli, distributed
+
+    try:
+        return cli.main(list(map(str, argv)))
+    finally:
+        distributed.setup(1, "cpu")
+
+
+def random_adapter(model, seed: int, r: int = 4, targets=("wq", "wv", "w2")) -> None:
+    """Put a LoRA adapter with random, non-zero factors (lora_alpha = 2r) on `model` in place."""
+    from dromedary import distributed
+    from dromedary.llama import lora
+
+    lora.add_lora(model, r=r, alpha=2 * r, dropout=0.0, targets=targets)
+    lora.init_lora(model, seed, distributed.world())
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p, _ in lora.trainable(model):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path

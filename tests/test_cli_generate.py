@@ -14,6 +14,7 @@ from helpers_ckpt import (
     free_port,
     python_m,
     run,
+    run_cli as main,
     shard_write_logger,
     subprocess_env,
     torchrun,
@@ -22,7 +23,6 @@ from helpers_ckpt import (
 
 import helpers_ckpt
 
-from dromedary import cli, distributed
 from dromedary.engine.generation import Engine, SamplingParams, row_seed
 
 SHARED = "Every helpful assistant should read the principle, think about the user, and answer honestly. "
@@ -59,15 +59,6 @@ def reference(ckpts, inputs, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("reference") / "out.jsonl"
     run(python_m() + generate_args(ckpts["gqa_meta"], inputs, out), pythonpath=False)
     return read_jsonl(out)
-
-
-def main(args) -> int:
-    """`dromedary ...` in this process. The CLI tears the process groups down when it ends; set the
-    one-process world up again for the session's models."""
-    try:
-        return cli.main(list(map(str, args)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def provenance(output: Path) -> list[dict]:

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers_ckpt import python_m, read_jsonl, run, write_jsonl
+from helpers_ckpt import python_m, read_jsonl, run, write_jsonl, run_cli as main
 
-from dromedary import cli, distributed, records
+from dromedary import records
 from dromedary.default_model import ensure_default_model
 from dromedary.recipe import templates, textfilters
 from dromedary.stages.curate import Curator, read_sharegpt, report_table
@@ -205,14 +205,6 @@ def test_report_table():
 
 
 # ------------------------------------------------------------------- end to end, CLI
-
-def main(argv) -> int:
-    """`dromedary ...` in this process; the CLI tears down the process groups other tests set up."""
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
-
 
 @pytest.fixture(scope="module")
 def default_model() -> Path:

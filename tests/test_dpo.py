@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_ckpt import GQA, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl
+from helpers_ckpt import (GQA, free_port, python_m, random_adapter, read_jsonl, run, torchrun, write_checkpoint,
+                          write_jsonl, run_cli as main)
 
-from dromedary import cli, distributed
+from dromedary import distributed
 from dromedary.default_model import ensure_default_model
 from dromedary.engine.builder import build
 from dromedary.llama import lora
@@ -43,32 +44,15 @@ def keyword_pairs(n: int, seed: int = 0) -> list[dict]:
              "chosen": rng.choice(WITH), "rejected": rng.choice(WITHOUT)} for i in range(n)]
 
 
-def main(argv) -> int:
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
-
-
 @pytest.fixture(scope="module")
 def default_model():
     return ensure_default_model()
 
 
-def _random_adapter(model, seed: int, r: int = 4, targets=("wq", "wv", "w2")):
-    lora.add_lora(model, r=r, alpha=2 * r, dropout=0.0, targets=targets)
-    lora.init_lora(model, seed, distributed.world())
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p, _ in lora.trainable(model):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 def _engraving(ckpt_dir, out: Path, seed: int = 7) -> Path:
     """A stand-in for finetune's adapter: random LoRA factors, written in PEFT format."""
     loaded = build(ckpt_dir and str(ckpt_dir), dtype="fp32")
-    _random_adapter(loaded.model, seed)
+    random_adapter(loaded.model, seed)
     lora.write_adapter(out, lora.full_state(loaded.model, loaded.world), loaded.model, loaded.name)
     return out
 
@@ -118,7 +102,7 @@ def test_loss_gradient_and_rewards_equal_a_direct_computation(default_model, los
     pairs = keyword_pairs(5, seed=2)
     pairs[1]["chosen"] = "Yes."  # answers of different lengths, so padding and IPO's per-token mean matter
     batch = [stage.encode_pair(tok, p, "x", TEXT, LENS) for p in pairs]
-    _random_adapter(loaded.model, 3)  # the policy has left the reference: B != 0
+    random_adapter(loaded.model, 3)  # the policy has left the reference: B != 0
     named = lora.trainable(loaded.model)
     how = dict(beta=beta, loss_type=loss_type, label_smoothing=smoothing)
     stats = stage.backward_batch(loaded.model, batch, 2, loaded.world, seed=0, **how)

@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers_ckpt import GQA, REPO, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl
+from helpers_ckpt import (GQA, REPO, free_port, python_m, read_jsonl, run, run_cli as main, torchrun, write_checkpoint,
+                          write_jsonl)
 
-from dromedary import cli, distributed
 from dromedary.eval import data, protocols, results
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -293,13 +293,6 @@ def test_stderr_and_aggregation_follow_lm_eval():
 
 
 # ------------------------------------------------------------------------------------ parity with lm-eval hf
-
-
-def main(args) -> int:
-    try:
-        return cli.main(list(map(str, args)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def local_tasks(root: Path, layouts) -> Path:

@@ -3,8 +3,8 @@ the reference, and answer-token log-probabilities (checked against a direct log_
 
 import torch
 import torch.nn.functional as F
+from helpers_ckpt import random_adapter
 
-from dromedary import distributed
 from dromedary.engine.builder import build
 from dromedary.llama import lora
 from dromedary.recipe import policy, sft
@@ -15,16 +15,6 @@ def _batch(tok):
              ("### User:\nSay hi.\n\n### Assistant:", " Hi!")]
     data = [sft.encode(tok, s, t, source_max_len=64, target_max_len=32, add_eos=True) for s, t in pairs]
     return sft.collate(data, "cpu")
-
-
-def _random_adapter(model, seed):
-    lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("wq", "wv", "w2"))
-    lora.init_lora(model, seed, distributed.world())
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p, _ in lora.trainable(model):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_token_logprobs_match_a_direct_log_softmax():
@@ -47,7 +37,7 @@ def test_adapters_off_is_the_base_and_restores(tmp_path):
     tokens, labels = _batch(base.tokenizer)
     with torch.no_grad():
         want = base.model(tokens)
-    _random_adapter(base.model, 3)
+    random_adapter(base.model, 3)
     with torch.no_grad():
         on = base.model(tokens)
         with lora.adapters_off(base.model):
@@ -61,7 +51,7 @@ def test_adapters_off_is_the_base_and_restores(tmp_path):
 
 def test_merged_adapter_equals_the_adapter_as_layers(tmp_path):
     loaded = build(None, dtype="fp32")
-    _random_adapter(loaded.model, 5)
+    random_adapter(loaded.model, 5)
     lora.write_adapter(tmp_path, lora.full_state(loaded.model, loaded.world), loaded.model, loaded.name)
     tokens, labels = _batch(loaded.tokenizer)
     as_layers = build(None, dtype="fp32", adapter=str(tmp_path))
@@ -75,7 +65,7 @@ def test_merged_adapter_equals_the_adapter_as_layers(tmp_path):
 def test_stacked_adapter_equals_the_upper_adapter_on_the_merged_lower(tmp_path):
     lower, upper, stacked = tmp_path / "sft", tmp_path / "dpo", tmp_path / "stacked"
     first = build(None, dtype="fp32")
-    _random_adapter(first.model, 7)
+    random_adapter(first.model, 7)
     lora.write_adapter(lower, lora.full_state(first.model, first.world), first.model, first.name)
     second = build(None, dtype="fp32", merge_adapter=str(lower))
     lora.add_lora(second.model, r=2, alpha=5, dropout=0.0, targets=("wk", "wv", "w1"))  # other rank, other modules

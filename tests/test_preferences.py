@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers_ckpt import GQA, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl
+from helpers_ckpt import (GQA, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl,
+                          run_cli as main)
 
-from dromedary import cli, distributed
 from dromedary.default_model import ensure_default_model
 from dromedary.recipe import preferences as salmon
 from dromedary.recipe import templates
@@ -31,13 +31,6 @@ def default_model():
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_records(N))
-
-
-def main(argv) -> int:
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_ckpt import read_jsonl, write_jsonl
+from helpers_ckpt import read_jsonl, write_jsonl, run_cli as main
 
-from dromedary import cli, distributed, records
+from dromedary import records
 
 DATA = Path(__file__).resolve().parent / "data" / "import"
 
@@ -26,14 +26,6 @@ def prompt(i: int, text: str = "question") -> dict:
 def backups(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name + ".bak-")
                   and ".shard-" not in p.name and not p.name.endswith((".json",)))
-
-
-def main(argv) -> int:
-    """`dromedary ...` in this process; the CLI tears the process groups down at exit."""
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 # ---------------------------------------------------------------------------- the fingerprint

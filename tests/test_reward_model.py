@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_ckpt import GQA, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl
+from helpers_ckpt import (GQA, free_port, python_m, read_jsonl, run, torchrun, write_checkpoint, write_jsonl,
+                          run_cli as main)
 
-from dromedary import cli, distributed
 from dromedary.default_model import ensure_default_model
 from dromedary.recipe import preferences as salmon
 
@@ -46,13 +46,6 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def default_model():
     return ensure_default_model()
-
-
-def main(argv) -> int:
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def flags(data, *extra):

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl
+from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl, run_cli as main
 from test_reward_model import PRINCIPLES, synthetic
 
-from dromedary import cli, distributed
 from dromedary.default_model import ensure_default_model
 from dromedary.engine.builder import build
 from dromedary.engine.generation import Engine, SamplingParams
@@ -23,13 +22,6 @@ from dromedary.stages import rl as rl_stage
 TOPICS = ["the desert", "water", "the night", "a river", "bread", "tea", "the city", "a friend"]
 HELD_OUT = ["the market", "coffee", "the morning", "a story"]
 TIMING = ("rollout_tokens_per_s", "opt_tokens_per_s")
-
-
-def main(argv) -> int:
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def prompt_records(topics, prefix="t"):

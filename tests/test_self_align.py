@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_ckpt import REPO, free_port, python_m, read_jsonl, run, subprocess_env, torchrun, write_jsonl
+from helpers_ckpt import (REPO, free_port, python_m, read_jsonl, run, subprocess_env, torchrun, write_jsonl,
+                          run_cli as main)
 
-from dromedary import cli, distributed, records
+from dromedary import records
 from dromedary.default_model import ensure_default_model
 from dromedary.llama.tokenizer import Tokenizer
 from dromedary.recipe import templates
@@ -54,14 +55,6 @@ def reference(default_model, prompts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "self_align.jsonl"
     run(python_m() + args(prompts, out))
     return out
-
-
-def main(argv) -> int:
-    """`dromedary ...` in this process; the CLI tears the process groups down when it ends."""
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def test_records_are_the_prompt_records_plus_the_generation(default_model, reference, prompts):

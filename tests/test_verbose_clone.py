@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl
+from helpers_ckpt import free_port, python_m, read_jsonl, run, torchrun, write_jsonl, run_cli as main
 
-from dromedary import cli, distributed, records
+from dromedary import records
 from dromedary.default_model import ensure_default_model
 from dromedary.engine.generation import Generation
 from dromedary.recipe import templates
@@ -134,13 +134,6 @@ def test_data_parallel_2_matches_one_process(sft, reference, tmp_path):
 def by_id(path) -> list[dict]:
     """A file's records by id: they are written as they finish, not in input order."""
     return sorted(read_jsonl(path), key=lambda r: r["id"])
-
-
-def main(argv) -> int:
-    try:
-        return cli.main(list(map(str, argv)))
-    finally:
-        distributed.setup(1, "cpu")
 
 
 def test_rerun_does_nothing_and_says_so(sft, reference, tmp_path, capsys):
