@@ -157,7 +157,8 @@ def load_ours(meta_dir: Path, tokenizer: Path, dtype: str, native: bool = True) 
 def step_name(engine: Engine) -> str:
     step = engine._fast_step
     if isinstance(step, NativeDecoder):
-        return "native (native.py), products on " + ("AMX tiles" if step.lib.amx else "AVX512 FMAs")
+        where = {"amx": "AMX tiles", "dpbf16": "vdpbf16ps", "fma": "AVX512 FMAs"}[step.lib.products]
+        return f"native (native.py), products on {where}"
     if isinstance(step, LeanDecoder):
         return "PyTorch (lean.py) on oneDNN packs"
     return "Transformer.forward"

@@ -22,8 +22,9 @@ def lib():
     lib = native.library()
     if lib is None:
         pytest.skip("no native step here (needs an AVX512-BF16 CPU and a C compiler)")
+    before = lib.products
     yield lib
-    native.set_amx(lib, True)
+    native.set_products(lib, before)
 
 
 @pytest.fixture
@@ -79,16 +80,14 @@ def _twin(cache):
     return KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v], cache.prefix_k, cache.prefix_v)
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
+@pytest.mark.parametrize("products", native.PRODUCTS)
 @pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix", "no-prefix"])
 # "long": rows whose own keys run past one or several blocks of 16 (dots_bf16's blocked path and its prefetches).
 @pytest.mark.parametrize("slots", [[5, 5, 5], [3, 9, 5, 1], [40, 16, 3, 97]], ids=["uniform", "ragged", "long"])
-def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, amx, with_prefix, slots):
+def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, products, with_prefix, slots):
     # Against the same bf16 weights run in fp32, the native step's error is no larger than the
     # PyTorch bf16 forward's (they round at the same points; only the order of sums differs).
-    if amx and not native.set_amx(lib, True):
-        pytest.skip("this CPU has no AMX")
-    native.set_amx(lib, amx)
+    _use(lib, products)
     step = native.NativeDecoder.build(model)
     exact = copy.deepcopy(model).float()
     with torch.inference_mode():
@@ -116,12 +115,16 @@ def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, amx, with_pr
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "fma"])
-def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(model, lib, amx):
-    # 19 rows: more than one group of rows in both kernels, ragged slots.
-    if amx and not native.set_amx(lib, True):
-        pytest.skip("this CPU has no AMX")
-    native.set_amx(lib, amx)
+def _use(lib, products):
+    if native.set_products(lib, products) != products:
+        pytest.skip(f"this CPU has no {products}")
+
+
+@pytest.mark.parametrize("products", native.PRODUCTS)
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(model, lib, products):
+    # 19 rows: more than one group of rows in every kernel, ragged slots; and runs of 2, 3 and 5
+    # rows, which the kernels tile differently again (vdpbf16ps: 8 blocks for 1-2 rows, 4 for 3-4).
+    _use(lib, products)
     step = native.NativeDecoder.build(model)
     slots = [(7 * i) % 11 + 1 for i in range(19)]
     with torch.inference_mode():
@@ -131,8 +134,14 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(model, lib, amx):
             row = KVCache([k[i : i + 1].clone() for k in cache.k], [v[i : i + 1].clone() for v in cache.v],
                           cache.prefix_k, cache.prefix_v)
             alone.append(step.step(tokens[i : i + 1], slots[i : i + 1], row))
+        runs = []
+        for a, b in [(0, 2), (2, 5), (5, 10)]:
+            part = KVCache([k[a:b].clone() for k in cache.k], [v[a:b].clone() for v in cache.v],
+                           cache.prefix_k, cache.prefix_v)
+            runs.append(step.step(tokens[a:b], slots[a:b], part))
         together = step.step(tokens, slots, cache)
     assert torch.equal(together, torch.cat(alone))
+    assert torch.equal(together[:10], torch.cat(runs))
 
 
 def test_a_new_shared_prefix_is_packed_afresh(bf16, lib):

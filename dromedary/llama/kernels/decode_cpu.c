@@ -180,6 +180,82 @@ static void gemm_rows(const bf16 *P, int K, const float *x, int64_t ldx, int B, 
     }
 }
 
+/* With vdpbf16ps (AVX512-BF16) each 64-byte load of a block is multiplied as it lies against one
+ * broadcast pair of x's bf16 inputs: 16 outputs x 2 inputs per instruction, no conversions. Where
+ * the instruction issues at the FMA rate (AMD Zen 4 and later) that is twice the products of the
+ * FMA kernel per cycle; each output is again one lane summed pair by pair in input order. */
+
+static inline __attribute__((always_inline)) void gemm_tile_dp(const bf16 *P, int kpairs, const bf16 *x, int64_t ldx,
+                                                               float *y, int64_t ldy, int N, int nb, int NB, int BB) {
+    __m512 acc[8][12];
+    for (int i = 0; i < NB; i++)
+        for (int b = 0; b < BB; b++) acc[i][b] = _mm512_setzero_ps();
+    const bf16 *w[8];
+    for (int i = 0; i < NB; i++) w[i] = P + (int64_t)(nb + i) * kpairs * 32;
+    for (int j = 0; j < kpairs; j++) {
+        __m512bh wv[8];
+        for (int i = 0; i < NB; i++) wv[i] = (__m512bh)_mm512_loadu_si512(w[i] + 32 * j);
+        for (int b = 0; b < BB; b++) {
+            int32_t pair;
+            memcpy(&pair, x + b * ldx + 2 * j, sizeof pair);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int i = 0; i < NB; i++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], wv[i], xv);
+        }
+    }
+    for (int i = 0; i < NB; i++) {
+        int col = (nb + i) * 16;
+        __mmask16 m = tail16(N - col);
+        for (int b = 0; b < BB; b++) _mm512_mask_storeu_ps(y + b * ldy + col, m, acc[i][b]);
+    }
+}
+
+#define TILE_DP(NB_, BB_) gemm_tile_dp(P, kpairs, x + b0 * ldx, ldx, y + b0 * ldy, ldy, N, nb, NB_, BB_)
+
+/* NB blocks at once: 8 for up to 2 rows (enough independent chains to cover the instruction's
+ * latency when one row is all there is), 4 for 3 or 4 rows, else 2 blocks x 12 rows. */
+static void gemm_rows_dp(const bf16 *P, int K, const bf16 *x, int64_t ldx, int B, float *y, int64_t ldy, int N,
+                         int nb, int NB) {
+    int kpairs = K / 2;
+    if (NB >= 4) {
+        int b0 = 0;
+        if (NB == 8) {
+            if (B == 1) TILE_DP(8, 1); else TILE_DP(8, 2);
+            return;
+        }
+        switch (B) {
+        case 1: TILE_DP(4, 1); break;
+        case 2: TILE_DP(4, 2); break;
+        case 3: TILE_DP(4, 3); break;
+        default: TILE_DP(4, 4); break;
+        }
+        return;
+    }
+    for (int b0 = 0; b0 < B; b0 += 12) {
+        int bb = B - b0 < 12 ? B - b0 : 12;
+#define DP_ROWS(NB_)                                                                                        \
+        switch (bb) {                                                                                       \
+        case 1: TILE_DP(NB_, 1); break;                                                                     \
+        case 2: TILE_DP(NB_, 2); break;                                                                     \
+        case 3: TILE_DP(NB_, 3); break;                                                                     \
+        case 4: TILE_DP(NB_, 4); break;                                                                     \
+        case 5: TILE_DP(NB_, 5); break;                                                                     \
+        case 6: TILE_DP(NB_, 6); break;                                                                     \
+        case 7: TILE_DP(NB_, 7); break;                                                                     \
+        case 8: TILE_DP(NB_, 8); break;                                                                     \
+        case 9: TILE_DP(NB_, 9); break;                                                                     \
+        case 10: TILE_DP(NB_, 10); break;                                                                   \
+        case 11: TILE_DP(NB_, 11); break;                                                                   \
+        default: TILE_DP(NB_, 12); break;                                                                   \
+        }
+        if (NB == 2) {
+            DP_ROWS(2)
+        } else {
+            DP_ROWS(1)
+        }
+#undef DP_ROWS
+    }
+}
+
 /* With AMX (Sapphire Rapids and later) the tile unit takes the products: 16 consecutive pairs of
  * a packed block are its B operand as they lie (1 KB: 16 outputs x 32 inputs), 16 rows of x
  * (zero-padded) the A operand. The caller pads x; K must be a multiple of 32. */
@@ -191,6 +267,13 @@ typedef struct {
 } TileConfig;
 
 static int use_amx = 0, amx_granted = 0;
+static int use_dp = 0; /* vdpbf16ps instead of FMAs where AMX is off */
+
+/* vdpbf16ps (on = 1) or FMAs (on = 0) for the products that AMX does not take; returns what is in use. */
+int dromedary_set_dpbf16(int on) {
+    use_dp = on != 0;
+    return use_dp;
+}
 
 /* Use the tile unit (on = 1) or FMAs (on = 0) from now on; returns what is in use. The caller
  * checks the CPU flags first. */
@@ -271,8 +354,19 @@ static void gemm_blocks(const bf16 *P, int K, const bf16 *x, int B, float *scrat
                                 last - nb < 4 ? last - nb : 4);
         return;
     }
-    for (int64_t i = 0; i < (int64_t)B * K; i++) scratch[i] = bf16_to_f32(x[i]);
     int NB = B <= 4 ? 4 : 2;
+    if (use_dp) {
+        NB = B <= 2 ? 8 : NB;
+        for (int nb = first; nb < last; nb += NB) {
+            if (nb + NB <= last) {
+                gemm_rows_dp(P, K, x, K, B, y, ldy, N, nb, NB);
+            } else {
+                for (int i = nb; i < last; i++) gemm_rows_dp(P, K, x, K, B, y, ldy, N, i, 1);
+            }
+        }
+        return;
+    }
+    for (int64_t i = 0; i < (int64_t)B * K; i++) scratch[i] = bf16_to_f32(x[i]);
     for (int nb = first; nb < last; nb += NB) {
         if (nb + NB <= last) {
             gemm_rows(P, K, scratch, K, B, y, ldy, N, nb, NB);
