@@ -67,6 +67,32 @@ def test_each_request_equals_its_run_alone(engine, tokenizer, in_flight, chunk):
         assert [r.key for r in done] != sorted(r.key for r in done)
 
 
+def test_a_sliver_of_a_long_prompt_waits_for_the_next_steps_budget(engine, tokenizer, monkeypatch):
+    """Prompts of 14-24 words (60-110 tokens), 100 prompt tokens per step: after a row or so, what is left of the
+    step's budget is too little to be worth a pass of its own; the next row starts next step."""
+    from dromedary.engine import scheduler as sched_mod
+
+    texts = prompts(1, seed=8, lo=30, hi=31) + prompts(5, seed=7, lo=14, hi=24)  # the first: >100 tokens
+    requests = [Request(p, SamplingParams(max_new_tokens=4 + i), seed=i, key=i) for i, p in enumerate(texts)]
+    sched = Scheduler(engine, max_in_flight=6, prefill_chunk=100)
+    parts, real = [], sched._prefill_pass
+
+    def spy(pool, left):
+        before = {id(r): r.filled for r in pool.rows}
+        took = real(pool, left)
+        parts.extend((r.filled - before[id(r)], r.filled, len(r.own)) for r in pool.rows if r.filled != before[id(r)])
+        return took
+
+    monkeypatch.setattr(sched, "_prefill_pass", spy)
+    list(sched.run(requests))
+    part_way = [n for n, filled, total in parts if filled < total]
+    assert part_way, "no prompt was split: the test does not exercise chunking"
+    # The old rule split the rows after the first at whatever the budget left (3 tokens, 8, ...).
+    assert all(n >= sched_mod.MIN_PART_CHUNK for n in part_way), parts
+    for r in requests:
+        assert same(r.result, alone(engine, r)), r.key
+
+
 def test_requests_starting_with_the_cached_prefix_attend_to_it(engine, tokenizer, monkeypatch):
     engine.cache_prefix(SHARED)
     pinned = engine._pinned

@@ -45,6 +45,11 @@ from .generation import (Engine, FinishReason, Generation, SamplingParams, _avai
 # Prompt tokens prefilled per step (all admitted rows together): long enough that a prefill pass
 # is bound by arithmetic, not by reading the weights; short enough that decoding rows wait little.
 PREFILL_CHUNK = 512
+# A part-way chunk shorter than this (of a prompt that needs more) waits for the next step's budget
+# instead of taking a pass of its own: a pass of a few tokens costs nearly what one of a hundred
+# does (each pass reads every weight), and on a 2-core CPU those slivers were a seventh of W4's
+# prefill time.
+MIN_PART_CHUNK = 64
 # Slots per pool row are allocated in multiples of this (fewer regrowths).
 SLOT_ROUND = 64
 
@@ -353,19 +358,25 @@ class Scheduler:
             assert all(r.filled == 0 for r in pool.rows[start:]), "a part-way prefill that is not first"
             pool.rows[start:] = sorted(pool.rows[start:], key=lambda r: -len(r.own))
             while left > 0 and pool.n_dec < len(pool.rows):
-                left -= self._prefill_pass(pool, left)
+                took = self._prefill_pass(pool, left)
+                if not took:
+                    break
+                left -= took
 
     def _prefill_pass(self, pool: _Pool, left: int) -> int:
         """One pass over pool rows [n_dec, n_dec + k): each its next chunk, right-padded to the
         longest (padding writes slots past the row's chunk, which nothing reads before the row's
-        own tokens overwrite them). Returns the prompt tokens it took."""
+        own tokens overwrite them). Returns the prompt tokens it took: none when all that is left is
+        a sliver of a longer prompt (under MIN_PART_CHUNK tokens, or under the whole budget where
+        that is smaller, so that a step with the whole budget always takes something)."""
         eng = self.engine
         first, width = pool.n_dec, 0
         chunks: list[int] = []
         for i in range(first, len(pool.rows)):
             row = pool.rows[i]
-            n = min(len(row.own) - row.filled, left - sum(chunks))
-            if n <= 0:
+            rest = len(row.own) - row.filled
+            n = min(rest, left - sum(chunks))
+            if n <= 0 or (n < rest and n < min(MIN_PART_CHUNK, self.prefill_chunk)):
                 break
             w = max(width, n)
             # Padding must stay within every row's slots, and below a quarter of the pass.
@@ -376,6 +387,8 @@ class Scheduler:
             chunks.append(n)
             width = w
         k = len(chunks)
+        if not k:
+            return 0
         rows = pool.rows[first : first + k]
         tokens = torch.zeros(k, width, dtype=torch.long, device=eng.device)
         for b, (row, n) in enumerate(zip(rows, chunks)):
