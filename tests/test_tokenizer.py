@@ -36,6 +36,16 @@ def test_encode_adds_bos_and_eos_on_request(tokenizer):
     assert tokenizer.decode(ids) == "hello there"
 
 
+def test_encode_tail_keeps_bos_and_the_last_tokens(tokenizer):
+    # Prompts cut this way (finetune's sources, reward prompts, rl's prompts) keep their end.
+    text = "the principle list comes first and the request comes last, at the very end"
+    ids = tokenizer.encode(text)
+    assert ids[0] == tokenizer.bos_id and len(ids) > 8
+    assert tokenizer.encode_tail(text, len(ids)) == ids
+    assert tokenizer.encode_tail(text, 8) == [tokenizer.bos_id] + ids[-7:]
+    assert tokenizer.encode_tail(text, 1) == [tokenizer.bos_id]
+
+
 def test_fixture_text_really_uses_byte_fallback(tokenizer):
     # Guards the stream tests below: they are only meaningful if some characters are split into
     # several byte pieces that form a character only together.

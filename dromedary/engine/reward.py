@@ -50,16 +50,6 @@ def last_hidden(model, tokens: torch.Tensor, lengths: Sequence[int], autocast=No
         return model(tokens, output_index=last, return_hidden=True)[:, 0]  # no output projection
 
 
-def encode(tok, text: str, max_len: int) -> list[int]:
-    """Token ids of a reward prompt; a longer one keeps BOS and its last tokens (the reply and the
-    cue matter most; the start of the principle list goes first)."""
-    ids = tok.encode(text)
-    if len(ids) > max_len:
-        head = 1 if tok.add_bos and tok.bos_id is not None else 0
-        ids = ids[:head] + ids[len(ids) - (max_len - head):]
-    return ids
-
-
 def pad(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, list[int]]:
     width = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
@@ -116,7 +106,7 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
-        ids = [encode(self.loaded.tokenizer, t, self.max_len) for t in texts]
+        ids = [self.loaded.tokenizer.encode_tail(t, self.max_len) for t in texts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad little
         out = [0.0] * len(ids)
         for start in range(0, len(order), batch_size):

@@ -67,6 +67,17 @@ class Tokenizer(metaclass=_Factory):
             ids = [self.bos_id] + ids
         return ids + [self.eos_id] if eos else ids
 
+    def encode_tail(self, text: str, max_len: int) -> list[int]:
+        """`encode(text)` cut to max_len ids where longer: BOS (where added) and the text's last
+        tokens. For prompts, whose end (the request, the reply being judged, the cue) matters
+        more than their start (the system prompt, the principle list)."""
+        ids = self.encode(text)
+        if len(ids) <= max_len:
+            return ids
+        head = 1 if self.add_bos and self.bos_id is not None else 0
+        keep = max(max_len - head, 0)
+        return ids[:head] + ids[len(ids) - keep :]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode_ids([i for i in ids if 0 <= i < self.n_words])
 

@@ -33,15 +33,19 @@ def conversation(record: dict, path: str, *, assistant_name: str, knowledge_cuto
         raise ValueError(f"{path}: record {record['id']!r}: {err}") from None
 
 
+def prompt(record: dict, *, assistant_name: str, knowledge_cutoff: str) -> str:
+    """The source text of `conversation` alone (system prompt by id, user turn, assistant marker):
+    what a policy is asked at generation time, as finetune trained it."""
+    system = templates.engraving_system_prompt(record["id"], assistant_name, knowledge_cutoff)
+    user = templates.user_message(record["instruction"], record["input"])
+    return templates.format_conversation(system, [{"role": "user", "content": user}], assistant_name)
+
+
 def encode(tok, source: str, target: str, *, source_max_len: int, target_max_len: int, add_eos: bool) -> Example:
     """The source keeps BOS (where the tokenizer adds one) and its last tokens up to source_max_len
-    (the request matters more than the start of the system prompt); the target is cut at its end,
-    so an answer too long to finish never teaches EOS."""
-    src = tok.encode(source)
-    if len(src) > source_max_len:
-        head = 1 if tok.add_bos and tok.bos_id is not None else 0
-        keep = max(source_max_len - head, 0)
-        src = src[:head] + src[len(src) - keep :]
+    (`Tokenizer.encode_tail`: the request matters more than the start of the system prompt); the
+    target is cut at its end, so an answer too long to finish never teaches EOS."""
+    src = tok.encode_tail(source, source_max_len)
     tgt = (tok.encode(target, bos=False) + ([tok.eos_id] if add_eos else []))[:target_max_len]
     return src + tgt, len(src)
 

@@ -254,7 +254,7 @@ Encoded = tuple[list[int], list[int], int]  # (ids of output_1's prompt, of outp
 def _encode_pair(tok, pair: dict, max_len: int) -> Encoded:
     texts = [salmon.reward_prompt(pair["instruction"], pair["input"], pair[f"output_{i}"], pair["principles"])
              for i in (1, 2)]
-    return reward.encode(tok, texts[0], max_len), reward.encode(tok, texts[1], max_len), int(pair["preference"])
+    return tok.encode_tail(texts[0], max_len), tok.encode_tail(texts[1], max_len), int(pair["preference"])
 
 
 def _rewards(model, head, micro: list[Encoded], device, autocast) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,13 +294,9 @@ def rl(
 
 
 def _source_ids(tok, record: dict, source_max_len: int, *, assistant_name: str, knowledge_cutoff: str) -> list[int]:
-    """The chat-format prompt finetune trains on (system prompt by id, user turn, assistant marker),
-    cut as sft.encode cuts sources."""
-    system = templates.engraving_system_prompt(record["id"], assistant_name, knowledge_cutoff)
-    user = templates.user_message(record["instruction"], record["input"])
-    source = templates.format_conversation(system, [{"role": "user", "content": user}], assistant_name)
-    ids, _ = sft.encode(tok, source, "x", source_max_len=source_max_len, target_max_len=1, add_eos=False)
-    return ids[:-1]
+    """The chat-format prompt finetune trains on, cut as sft.encode cuts sources."""
+    text = sft.prompt(record, assistant_name=assistant_name, knowledge_cutoff=knowledge_cutoff)
+    return tok.encode_tail(text, source_max_len)
 
 
 def _rollouts(share, step, engine, sampling, sources, scorer, model, critic, value_head, dims, weights, o,
