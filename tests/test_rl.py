@@ -1,5 +1,5 @@
 """dromedary rl on the embedded default model: outputs and reward-model scores, a known reward
-raised on held-out prompts, rollouts that follow the updated adapter, exact resume, torchrun DP=2,
+raised on held-out prompts, rollouts that follow the updated adapter, exact resume, torchrun DP=2, MP=2 and MP=2 x DP=2,
 the published adapter with --adapter, and bad input refused before model work."""
 
 import json
@@ -182,13 +182,13 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(setup, tmp_path):
     assert changed.returncode == 2 and "cannot resume" in changed.stderr and "--kl_coef" in changed.stderr
 
 
-@pytest.mark.parametrize("mp", [1, 2], ids=["dp2", "mp2"])
-def test_torchrun_equals_one_process(setup, tmp_path, mp):
+@pytest.mark.parametrize("nproc, mp", [(2, 1), (2, 2), (4, 2)], ids=["dp2", "mp2", "mp2xdp2"])
+def test_torchrun_equals_one_process(setup, tmp_path, nproc, mp):
     one, two = tmp_path / "one", tmp_path / "two"
     common = flags(setup, "--max_steps", 2)
     run(python_m() + common + ["--output_dir", one])
-    run(torchrun() + ["--nproc_per_node", 2, "--master_port", free_port(), "-m", "dromedary", *common,
-                      "--output_dir", two, "--model_parallel_size", mp], timeout=400)
+    run(torchrun() + ["--nproc_per_node", nproc, "--master_port", free_port(), "-m", "dromedary", *common,
+                      "--output_dir", two, "--model_parallel_size", mp], timeout=600)
     for step in (1, 2):
         a, b = (read_jsonl(d / f"rollouts/step-{step:07d}.jsonl") for d in (one, two))
         assert [r["response"] for r in a] == [r["response"] for r in b]
