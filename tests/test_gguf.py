@@ -227,12 +227,13 @@ def _add_kv(w, key: str, value) -> None:
 
 
 def our_model(path: Path):
+    from dromedary.llama import rope
     from dromedary.llama.model import Transformer
 
     reader = checkpoint.open_checkpoint(path)
     args, tensors = checkpoint.local_state(reader, 0, 1, dtype=torch.float32, device="cpu")
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, rope_table=rope.model_table)
     model.load_state_dict(dict(tensors), assign=True, strict=True)
     return model.eval()
 
@@ -268,6 +269,154 @@ def test_tied_embeddings_and_bf16_kept_exactly(tmp_path, world):
     x = torch.arange(10)[None]
     with torch.no_grad():
         assert (our_model(path)(x).float() - hf_gguf_model(path)(x).logits).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE scaling: linear keys, and Llama-3's per-frequency factors (rope_freqs.weight)
+
+
+def llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                           window: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel's extra
+    tensors) writes it for a llama3 rope_scaling: by wavelength, 1 (short), `factor` (long) or the
+    inverse of the smooth blend in between, float32 as its torch arithmetic."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    short, long = window / high, window / low
+    out = []
+    for f in freqs:
+        wavelength = 2 * np.pi / f
+        if wavelength < short:
+            out.append(torch.tensor(1.0))
+        elif wavelength > long:
+            out.append(torch.tensor(factor))
+        else:
+            smooth = (window / wavelength - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in out]).numpy()
+
+
+def hf_with_rope(path: Path, rope_parameters: dict):
+    """transformers' LlamaForCausalLM on the weights of transformers' own GGUF loading (which reads
+    no RoPE scaling from the file), with the rotary scaling given here."""
+    from transformers import LlamaForCausalLM
+
+    plain = hf_gguf_model(path)
+    config = plain.config
+    config.rope_parameters = {"rope_theta": config.rope_parameters["rope_theta"], **rope_parameters}
+    hf = LlamaForCausalLM(config).eval()
+    hf.load_state_dict(plain.state_dict(), strict=True)
+    return hf, plain
+
+
+# (dim, theta, factor, original window, whether the window is in the metadata, sequence length):
+# Llama-3.2's constants at theta 500000 and head size 64, where the 8192 window blends the low
+# frequencies; and Llama-3.1's at head size 16 with a 32-token window the file states, read well
+# past that window.
+LLAMA3_CASES = {"3.2 window 8192": (256, 500000.0, 32.0, 8192, False, 160),
+                "3.1 window from metadata": (64, 10000.0, 8.0, 32, True, 96)}
+
+
+def llama3_gguf(path: Path, case: str) -> tuple[Path, dict]:
+    dim, theta, factor, window, stated, _ = LLAMA3_CASES[case]
+    factors = llama_cpp_rope_factors(dim // HEADS, theta, factor, 1.0, 4.0, window)
+    assert (factors != 1).any() and (factors != factor).any()  # the blend really moves some frequencies
+    kv = {"llama.rope.freq_base": theta, "llama.context_length": 8 * window}
+    if stated:
+        kv["llama.rope.scaling.original_context_length"] = window
+    spec = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": window}
+    # The merge's token is in the vocabulary, so that convert can write the tokenizer too.
+    return write_gguf(path, seed=5, dim=dim, ffn=dim, extra_kv=kv, tokens=byte_vocab() + ["\u0120t"],
+                      extra_tensors=[("rope_freqs.weight", factors, None)]), spec
+
+
+def _compare_scaled(ours_path: Path, hf, plain, length: int) -> None:
+    x = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = our_model(ours_path)(x).float()
+        theirs = hf(x).logits.float()
+        unscaled = plain(x).logits.float()
+    scale = max(1.0, theirs.abs().max().item())
+    diff, moved = (ours - theirs).abs().max().item(), (unscaled - theirs).abs().max().item()
+    print(f"max |logit difference| vs transformers {diff:.2e} (logits up to {scale:.1f}); the scaling moves "
+          f"logits by {moved:.2e}")
+    assert diff < 1e-4 * scale
+    assert moved > 1e-2 * scale  # the comparison sees the scaling
+
+
+@pytest.mark.parametrize("case", list(LLAMA3_CASES))
+def test_llama3_rope_factors_load_as_llama3_scaling_and_match_transformers(tmp_path, world, case):
+    path, spec = llama3_gguf(tmp_path / "llama3.gguf", case)
+    reader = GGUFReader(path)
+    assert reader.args.rope_scaling == spec
+    # Not a weight: the reader holds the model's 3 + 9 per layer tensors only.
+    assert len(reader._tensors) == 3 + 9 * 2 and all(t.name != "rope_freqs.weight" for t in reader._tensors.values())
+    hf, plain = hf_with_rope(path, spec)
+    _compare_scaled(path, hf, plain, LLAMA3_CASES[case][-1])
+
+
+@pytest.mark.parametrize("head_dim,factor", [(128, 8.0), (64, 32.0), (128, 32.0)],
+                         ids=["Llama-3.1", "Llama-3.2-1B", "Llama-3.2-3B"])
+def test_real_llama3_factors_are_told_apart(head_dim, factor):
+    from dromedary.llama.gguf import llama3_spec_for_factors
+
+    factors = torch.from_numpy(llama_cpp_rope_factors(head_dim, 500000.0, factor, 1.0, 4.0, 8192))
+    spec = llama3_spec_for_factors(factors, head_dim, 500000.0)
+    assert spec == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+    assert llama3_spec_for_factors(factors, head_dim, 100000.0) is None  # another theta: another blend
+
+
+@pytest.mark.parametrize("kind,factor", [("linear", 4.0), (None, 2.0)], ids=["linear", "factor alone"])
+def test_linear_rope_scaling_matches_transformers(tmp_path, world, kind, factor):
+    kv = {"llama.rope.scaling.factor": factor}
+    if kind:
+        kv["llama.rope.scaling.type"] = kind
+    path = write_gguf(tmp_path / "linear.gguf", seed=6, extra_kv=kv)
+    spec = {"rope_type": "linear", "factor": factor}
+    assert GGUFReader(path).args.rope_scaling == spec
+    hf, plain = hf_with_rope(path, spec)
+    _compare_scaled(path, hf, plain, 80)
+
+
+@pytest.mark.parametrize("kv", [{"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0},
+                                {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0},
+                                {"llama.rope.scaling.factor": 0.0}], ids=["type none", "factor 1", "factor 0"])
+def test_rope_keys_that_scale_nothing_in_llama_cpp_load_plain(tmp_path, kv):
+    assert GGUFReader(write_gguf(tmp_path / "plain.gguf", extra_kv=kv)).args.rope_scaling is None
+
+
+def test_rope_factors_of_one_load_plain(tmp_path):
+    path = write_gguf(tmp_path / "ones.gguf", extra_tensors=[("rope_freqs.weight", np.ones(8, np.float32), None)])
+    assert GGUFReader(path).args.rope_scaling is None
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_convert_keeps_llama3_rope_scaling(tmp_path, world, layout):
+    from dromedary.stages.convert import convert
+
+    path, spec = llama3_gguf(tmp_path / "llama3.gguf", "3.2 window 8192")
+    out = tmp_path / layout
+    convert(str(path), str(out), layout=layout)
+    assert checkpoint.open_checkpoint(out).args.rope_scaling == spec
+    x = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(our_model(out)(x), our_model(path)(x))
+
+
+def test_convert_keeps_linear_rope_scaling_in_the_hf_layout_only(tmp_path, world):
+    from dromedary.stages.convert import convert
+
+    path = write_gguf(tmp_path / "linear.gguf", extra_kv={"llama.rope.scaling.factor": 4.0},
+                      tokens=byte_vocab() + ["\u0120t"])
+    convert(str(path), str(tmp_path / "hf"), layout="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"] == {"rope_type": "linear",
+                                                                                        "factor": 4.0}
+    x = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(our_model(tmp_path / "hf")(x), our_model(path)(x))
+    with pytest.raises(checkpoint.CheckpointError, match="params.json cannot express rope scaling"):
+        convert(str(path), str(tmp_path / "meta"), layout="meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +513,19 @@ def _iq4(rows, cols):
 
 REFUSED = {
     "architecture": (dict(arch="qwen2"), "general.architecture = 'qwen2'"),
-    "rope scaling": (dict(extra_kv={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
-                     "llama.rope.scaling.type = 'linear'"),
-    "rope factor alone": (dict(extra_kv={"llama.rope.scaling.factor": 2.0}), "llama.rope.scaling.factor = 2.0"),
-    "llama3 rope factors": (dict(extra_tensors=[("rope_freqs.weight", np.ones(8, np.float32), None)]),
-                            "rope_freqs.weight"),
+    "yarn": (dict(extra_kv={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}),
+             "llama.rope.scaling.type = 'yarn'"),
+    "unknown rope factors": (dict(extra_tensors=[("rope_freqs.weight", np.full(8, 2.0, np.float32), None)]),
+                             "tensor rope_freqs.weight holds per-frequency RoPE factors"),
+    "rope factors off by 1e-4": (dict(extra_kv={"llama.rope.scaling.original_context_length": 32},
+                                      extra_tensors=[("rope_freqs.weight", llama_cpp_rope_factors(
+                                          DIM // HEADS, 10000.0, 8.0, 1.0, 4.0, 32) * np.float32(1 + 1e-4), None)]),
+                                 "rope_freqs.weight"),
+    "rope factors and linear": (dict(extra_kv={"llama.rope.scaling.factor": 2.0},
+                                     extra_tensors=[("rope_freqs.weight", np.full(8, 2.0, np.float32), None)]),
+                                "rope_freqs.weight together with llama.rope.scaling.factor = 2.0"),
+    "rope factors shape": (dict(extra_tensors=[("rope_freqs.weight", np.full(4, 2.0, np.float32), None)]),
+                           "rope_freqs.weight has shape (4,)"),
     "attention bias": (dict(extra_tensors=[("blk.0.attn_q.bias", np.zeros(DIM, np.float32), None)]),
                        "blk.0.attn_q.bias"),
     "unknown key": (dict(extra_kv={"llama.attention.sliding_window": 64}), "llama.attention.sliding_window = 64"),

@@ -12,10 +12,18 @@ Two facts make the weights line up with our model without any reordering:
   GGUFs made from Meta's .pth files were never permuted. So q/k rows are used as stored
   (transformers, which rotates halves, permutes them; parity with it is tested).
 
-Everything in the metadata that changes the computation is honoured or refused by name: an
-architecture other than `llama`, RoPE scaling (`rope.scaling.*`, `rope_freqs.weight`), partial
-rotary dims, MoE experts, per-layer head counts that vary, tensors the model has no place for,
-quantization types we have not tested.
+RoPE scaling, as llama.cpp computes it:
+- `llama.rope.scaling.type = linear` with `llama.rope.scaling.factor` F (a factor without a type is
+  linear too, as llama.cpp reads it; type `none`, or a factor of 0 or 1, scales nothing) becomes
+  rope_scaling {"rope_type": "linear", "factor": F}.
+- `rope_freqs.weight` (llama.cpp's converter writes it for Llama-3.1/3.2: one factor per frequency,
+  which llama.cpp divides the frequency by) is recognised as Llama-3's blend when the factors equal
+  base / llama3 frequencies for one of the known constant sets (factor 8 for 3.1 or 32 for 3.2, low 1,
+  high 4, an original window of 8192 or the file's `rope.scaling.original_context_length`), and
+  becomes that llama3 spec; all ones scale nothing; other factors are refused. It is not a weight.
+Everything else in the metadata that changes the computation is refused by name: an architecture
+other than `llama`, yarn and other scaling types, partial rotary dims, MoE experts, per-layer head
+counts that vary, tensors the model has no place for, quantization types we have not tested.
 
 The tokenizer (`gguf_tokenizer`) is rebuilt as a `tokenizers.Tokenizer` from `tokenizer.ggml.*`:
 byte-level BPE (`gpt2`, with `tokenizer.ggml.pre` choosing llama.cpp's pre-tokenizer split) and
@@ -32,6 +40,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import rope
 from .checkpoint import CheckpointError, Reader, expected_shapes
 from .model import ModelArgs
 
@@ -55,13 +64,22 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
               "output.weight": "output.weight"}
+# Per-frequency RoPE divisors (llama.cpp's LLM_TENSOR_ROPE_FREQS): read into the rotary spec, not a weight.
+ROPE_FREQS = "rope_freqs.weight"
+
+# (factor, low_freq_factor, high_freq_factor) of Llama-3.1 and Llama-3.2 (their config.json
+# rope_scaling), and the original window llama.cpp's converter computes the factors with (8192,
+# unless the HF config has a top-level original_max_position_embeddings).
+_LLAMA3_CONSTANTS = ((8.0, 1.0, 4.0), (32.0, 1.0, 4.0))
+_LLAMA3_WINDOW = 8192
 
 # `llama.*` keys we read into ModelArgs.
 _HONOURED = {"context_length", "embedding_length", "block_count", "feed_forward_length",
              "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
              "attention.key_length", "attention.value_length", "rope.freq_base", "rope.dimension_count",
              "vocab_size",
-             # Informative only: what the model was trained at / whether it was finetuned with scaling.
+             # The window the model was trained at (tried as Llama-3's original window when matching
+             # rope_freqs.weight; informative otherwise) / whether it was finetuned with scaling.
              "rope.scaling.original_context_length", "rope.scaling.finetuned",
              # Old convert.py's note that tensors came from Meta's .pth: the row order is the same.
              "tensor_data_layout"}
@@ -108,7 +126,14 @@ class GGUFReader(Reader):
             raise CheckpointError(f"{self.path}: split.count = {splits}: a split GGUF; merge it into one file first "
                                   f"(llama.cpp's `llama-gguf-split --merge`)")
         self._tensors: dict[str, Any] = {}
+        rope_freqs = None
         for t in self.file.tensors:
+            if t.name == ROPE_FREQS:
+                if t.tensor_type.name not in ("F32", "F16", "BF16"):
+                    raise CheckpointError(f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}; "
+                                          "RoPE factors are read as F32, F16 or BF16")
+                rope_freqs = t
+                continue
             meta_name = gguf_to_meta_name(t.name)
             if meta_name is None:
                 raise CheckpointError(f"{self.path}: tensor {t.name} has no place in a LLaMA model"
@@ -118,7 +143,7 @@ class GGUFReader(Reader):
                                       f"types: {', '.join(SUPPORTED_TYPES)}")
             self._tensors[meta_name] = t
         self.tied = "output.weight" not in self._tensors
-        self.args = args_from_gguf(self.meta, self._tensors, self.path)
+        self.args = args_from_gguf(self.meta, self._tensors, self.path, rope_freqs)
         check_shapes(self)  # a wrong file stops here, before any weight is read or anything written
         self._eos_ids = tuple(eos_token_ids(self.meta))
 
@@ -145,7 +170,6 @@ class GGUFReader(Reader):
 
 
 _TENSOR_HINTS = {
-    "rope_freqs": " (rope_freqs.weight holds Llama-3.1-style RoPE scaling factors, which are not supported)",
     "ffn_gate_inp": " (a mixture-of-experts router: MoE models are not supported)",
     "attn_q": " (attention biases are not supported)",
 }
@@ -206,7 +230,8 @@ def _short_float(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def args_from_gguf(meta: _Metadata, tensors: dict, path: Path) -> ModelArgs:
+def args_from_gguf(meta: _Metadata, tensors: dict, path: Path, rope_freqs=None) -> ModelArgs:
+    """`rope_freqs`: the file's rope_freqs.weight tensor, if it has one."""
     refuse_unhonoured(meta)
     dim = int(meta.need("llama.embedding_length"))
     n_heads = int(_uniform(meta, "llama.attention.head_count"))
@@ -220,6 +245,8 @@ def args_from_gguf(meta: _Metadata, tensors: dict, path: Path) -> ModelArgs:
     if rope_dims != head_dim:
         raise CheckpointError(f"{path}: llama.rope.dimension_count = {rope_dims} is not the head size {head_dim}: "
                               "partial rotary embeddings are not supported")
+    theta = _short_float(meta.get("llama.rope.freq_base", 10000.0))
+    scaling = rope_scaling_from_gguf(meta, rope_freqs, head_dim, theta)
     emb = tensors.get("tok_embeddings.weight")
     if emb is None:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
@@ -234,11 +261,58 @@ def args_from_gguf(meta: _Metadata, tensors: dict, path: Path) -> ModelArgs:
         n_kv_heads=n_kv,
         vocab_size=vocab,
         norm_eps=_short_float(meta.need("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=_short_float(meta.get("llama.rope.freq_base", 10000.0)),
+        rope_theta=theta,
         max_seq_len=int(meta.need("llama.context_length")),
         head_dim=head_dim if head_dim != dim // n_heads else None,
         hidden_dim=int(_uniform(meta, "llama.feed_forward_length")),
+        rope_scaling=scaling,
     )
+
+
+def rope_scaling_from_gguf(meta: _Metadata, rope_freqs, head_dim: int, theta: float) -> Optional[dict]:
+    """The normalised rotary spec (rope.py) for the file's `llama.rope.scaling.*` keys and its
+    rope_freqs.weight tensor, or None for plain RoPE. `refuse_unhonoured` has refused other types."""
+    path = meta.path
+    kind = meta.get("llama.rope.scaling.type")
+    factor = meta.get("llama.rope.scaling.factor")
+    # llama.cpp: no type reads as linear; type none never scales; a factor of 0 (or 1) is no scaling.
+    linear = kind in (None, "linear") and factor not in (None, 0.0, 1.0)
+    if rope_freqs is None:
+        return {"rope_type": "linear", "factor": _short_float(factor)} if linear else None
+    if linear:
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} together with llama.rope.scaling.factor = {factor}: "
+                              "per-frequency factors on top of linear RoPE scaling are not supported")
+    factors = dequantize(rope_freqs).float()
+    if tuple(factors.shape) != (head_dim // 2,):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} has shape {tuple(factors.shape)}; the head size "
+                              f"{head_dim} has {head_dim // 2} rotary frequencies")
+    if torch.all(factors == 1):
+        return None  # llama.cpp divides every frequency by one
+    spec = llama3_spec_for_factors(factors, head_dim, theta, meta.get("llama.rope.scaling.original_context_length"))
+    if spec is None:
+        shown = ", ".join(f"{x:.6g}" for x in factors.tolist()[:8]) + (", ..." if len(factors) > 8 else "")
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} holds per-frequency RoPE factors [{shown}] that match "
+                              "no Llama-3.1/3.2 rope scaling (factor 8 or 32, low_freq_factor 1, high_freq_factor "
+                              f"4, original window {_LLAMA3_WINDOW} or llama.rope.scaling.original_context_length) "
+                              f"for theta {theta:g} and head size {head_dim}: other RoPE factors are not supported")
+    return spec
+
+
+def llama3_spec_for_factors(factors: torch.Tensor, head_dim: int, theta: float,
+                            original_window: Optional[int] = None) -> Optional[dict]:
+    """The llama3 spec whose frequencies are theta's divided by `factors` (as llama.cpp's converter
+    computes them, float32 to a few ulps), among Llama-3.1's and 3.2's constants, or None."""
+    base = rope.base_frequencies(head_dim, theta)
+    windows = [_LLAMA3_WINDOW] + ([int(original_window)] if original_window and original_window != _LLAMA3_WINDOW
+                                  else [])
+    for window in windows:
+        for factor, low, high in _LLAMA3_CONSTANTS:
+            spec = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": window}
+            freqs, _ = rope.frequencies(head_dim, theta, spec)
+            if torch.allclose(base / freqs, factors, rtol=1e-5, atol=0.0):
+                return spec
+    return None
 
 
 def refuse_unhonoured(meta: _Metadata) -> None:
@@ -246,12 +320,11 @@ def refuse_unhonoured(meta: _Metadata) -> None:
     path = meta.path
     scaling = meta.get("llama.rope.scaling.type")
     factor = meta.get("llama.rope.scaling.factor")
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: llama.rope.scaling.type = {scaling!r} (factor {factor}): RoPE scaling in "
-                              "GGUF files is not supported")
-    if factor not in (None, 0.0, 1.0) and scaling is None:
-        # llama.cpp reads a factor without a type as linear scaling.
-        raise CheckpointError(f"{path}: llama.rope.scaling.factor = {factor} (linear RoPE scaling) is not supported")
+    if scaling not in (None, "none", "linear"):
+        raise CheckpointError(f"{path}: llama.rope.scaling.type = {scaling!r} (factor {factor}): only linear RoPE "
+                              "scaling (and Llama-3's rope_freqs.weight) is supported in GGUF files")
+    if factor is not None and not (isinstance(factor, (int, float)) and factor >= 0):
+        raise CheckpointError(f"{path}: llama.rope.scaling.factor = {factor!r} is not a factor")
     for key in meta.keys():
         if not key.startswith("llama."):
             continue
