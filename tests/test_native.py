@@ -115,6 +115,15 @@ def test_native_step_is_as_accurate_as_the_pytorch_step(model, lib, products, wi
         assert torch.equal(a, b)
 
 
+def test_the_default_products_by_cpu():
+    avx = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+    amx = avx | {"amx_tile", "amx_bf16"}
+    assert native.default_products(amx, "GenuineIntel") == "amx"
+    assert native.default_products(amx, "GenuineIntel", amx=False) == "fma"
+    assert native.default_products(avx, "GenuineIntel") == "fma"
+    assert native.default_products(avx, "AuthenticAMD") == "dpbf16"
+
+
 def _use(lib, products):
     if native.set_products(lib, products) != products:
         pytest.skip(f"this CPU has no {products}")
