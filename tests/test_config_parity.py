@@ -190,7 +190,7 @@ def test_meta_layout_refuses_scaling_params_json_cannot_express(tmp_path, tokeni
     hf_checkpoint(tmp_path / "src", tokenizer_path, **CASES["yarn"])
     with pytest.raises(CheckpointError, match="params.json cannot express rope scaling.*yarn"):
         convert(str(tmp_path / "src"), str(tmp_path / "meta"), layout="meta")
-    assert not (tmp_path / "meta" / "params.json").exists()
+    assert not (tmp_path / "meta").exists()  # refused before anything is made
 
 
 # --------------------------------------------------------------------------------- refused

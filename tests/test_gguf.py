@@ -417,6 +417,7 @@ def test_convert_keeps_linear_rope_scaling_in_the_hf_layout_only(tmp_path, world
         assert torch.equal(our_model(tmp_path / "hf")(x), our_model(path)(x))
     with pytest.raises(checkpoint.CheckpointError, match="params.json cannot express rope scaling"):
         convert(str(path), str(tmp_path / "meta"), layout="meta")
+    assert not (tmp_path / "meta").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -971,8 +971,10 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
     shards of near-equal size (our loader concatenates any split).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     args = reader.args
+    # What the layout cannot express is refused before anything is made on disk.
+    params = meta_params(args, sliding_window=reader.sliding_window) if layout == "meta" else None
+    out.mkdir(parents=True, exist_ok=True)
 
     def full(name):
         t = reader.checked(name)
@@ -980,8 +982,7 @@ def save_checkpoint(reader: Reader, out_dir, *, layout: Layout, num_shards: int 
 
     eos = reader.eos_token_ids
     if layout == "meta":
-        (out / "params.json").write_text(json.dumps(meta_params(args, sliding_window=reader.sliding_window),
-                                                    indent=2) + "\n")
+        (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         if eos:  # params.json has no place for them; our reader reads this file beside it
             (out / "generation_config.json").write_text(
                 json.dumps({"eos_token_id": eos[0] if len(eos) == 1 else eos}, indent=2) + "\n")
