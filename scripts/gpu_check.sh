@@ -131,65 +131,51 @@ else
 fi
 row "torchrun generate" "$status" $((SECONDS - start)) "$detail"
 
+# A benchmark piece: NAME, time limit in seconds, the pattern of its summary lines, then the script
+# and its arguments. Each summary line "HEAD: DETAIL" becomes a row of its own (once, however many
+# times the log holds it).
+bench() {
+    local name=$1 limit=$2 pattern=$3 script=$4 log="$WORK/$1.log" start=$SECONDS rc line
+    shift 4
+    timeout "$limit" "$PYTHON" "$script" "$@" >"$log" 2>&1
+    rc=$?
+    cat "$log"
+    if [[ $rc == 0 ]]; then
+        row "$name" ok $((SECONDS - start)) "$*"
+        while IFS= read -r line; do
+            row "  ${line%%:*}" "" "" "${line#*: }"
+        done < <(grep -E "$pattern" "$log" | awk '!seen[$0]++')
+    else
+        row "$name" "$([[ $rc == 124 ]] && echo TIMEOUT || echo FAIL)" $((SECONDS - start)) "exit $rc; see above"
+    fi
+}
+
 # ---------------------------------------------------------------- 3. the generation benchmark
-start=$SECONDS
 if [[ $DEVICE == cuda ]]; then
     BENCH=(--device cuda --model 1b --repeats "${BENCH_REPEATS:-3}" --fp32-check never)
     [[ -n "$PEAK_GBS" ]] && BENCH+=(--peak-bandwidth "$PEAK_GBS")
 else
     BENCH=(--quick --repeats 1 --threads 1 --fp32-check never)
 fi
-timeout 300 "$PYTHON" scripts/bench_generate.py "${BENCH[@]}" >"$WORK/bench.log" 2>&1
-rc=$?
-cat "$WORK/bench.log"
-if [[ $rc == 0 ]]; then
-    row "bench_generate" ok $((SECONDS - start)) "${BENCH[*]}"
-    while IFS= read -r line; do
-        row "  ${line%%:*}" "" "" "${line#*: }"
-    done < <(grep -E '^W[123]: ' "$WORK/bench.log")
-else
-    row "bench_generate" "$([[ $rc == 124 ]] && echo TIMEOUT || echo FAIL)" $((SECONDS - start)) "exit $rc; see above"
-fi
+bench bench_generate 300 '^W[123]: ' scripts/bench_generate.py "${BENCH[@]}"
 
 # ---------------------------------------------------------------- 3b. continuous batching (W4)
 # The scheduler against fixed batches of 8 where decoding is bound by the weight reads (on the
 # CPUs measured so far the products set the pace, and the 2x target was not reached).
-start=$SECONDS
 if [[ $DEVICE == cuda ]]; then
     W4=(--device cuda --model 1b --workloads W4 --repeats 1 --no-hf --no-vllm)
 else
     W4=(--quick --workloads W4 --repeats 1 --no-hf --no-vllm --threads 1)
 fi
-timeout 200 "$PYTHON" scripts/bench_generate.py "${W4[@]}" >"$WORK/bench_w4.log" 2>&1
-rc=$?
-cat "$WORK/bench_w4.log"
-if [[ $rc == 0 ]]; then
-    row "bench_generate W4" ok $((SECONDS - start)) "${W4[*]}"
-    while IFS= read -r line; do
-        row "  W4" "" "" "${line#W4 }"
-    done < <(grep -E '^W4 \(' "$WORK/bench_w4.log" | head -1)
-else
-    row "bench_generate W4" "$([[ $rc == 124 ]] && echo TIMEOUT || echo FAIL)" $((SECONDS - start)) "exit $rc; see above"
-fi
+bench bench_w4 200 '^W4 \(' scripts/bench_generate.py "${W4[@]}"
 
 # ---------------------------------------------------------------- 4. policy optimisation: dpo (and TRL where installed), rl
-start=$SECONDS
 if [[ $DEVICE == cuda ]]; then
     RLB=(--device cuda --dtype bf16 --steps 3 --rl_steps 2)
 else
     RLB=(--threads 1 --steps 1 --rl_steps 1)
 fi
-timeout 240 "$PYTHON" scripts/bench_rl.py "${RLB[@]}" >"$WORK/bench_rl.log" 2>&1
-rc=$?
-cat "$WORK/bench_rl.log"
-if [[ $rc == 0 ]]; then
-    row "bench_rl" ok $((SECONDS - start)) "${RLB[*]}"
-    while IFS= read -r line; do
-        row "  ${line%%:*}" "" "" "${line#*: }"
-    done < <(grep -E '^(ratio|RL: |  step )' "$WORK/bench_rl.log")
-else
-    row "bench_rl" "$([[ $rc == 124 ]] && echo TIMEOUT || echo FAIL)" $((SECONDS - start)) "exit $rc; see above"
-fi
+bench bench_rl 240 '^(ratio|RL: |  step )' scripts/bench_rl.py "${RLB[@]}"
 
 echo
 echo "gpu_check on $GPU_NAME ($NGPU GPUs), $(date -u +%Y-%m-%dT%H:%MZ)$([[ $DRY == 1 ]] && echo ', DRY RUN on the CPU')"
