@@ -2,6 +2,8 @@
 folded into query rows, the memory-efficient kernel with a mask and its log-sum-exp) against the
 CPU one, on the CPU with the CUDA kernel stood in for; and the real kernel where CUDA is present."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,3 +122,58 @@ def test_the_cuda_kernel_is_fused_and_exact(dtype, kvh):
     ref = F.scaled_dot_product_attention(q.float(), full_k.float(), full_v.float(), attn_mask=full_mask.float(),
                                          enable_gqa=True)
     torch.testing.assert_close(merged.float(), ref, **tol)
+
+
+def _prefill(model, rows, prefix=None):
+    """Right-padded prompts from slot 0 through the cache, over an optional shared prefix:
+    the logits at each row's last token."""
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    cache = M.KVCache.allocate(model, len(rows), width + 4, device="cpu", dtype=torch.float32)
+    p_len = 0
+    if prefix is not None:
+        model(torch.tensor([prefix]), torch.arange(len(prefix))[None], cache, prefix_only=True)
+        p_len = len(prefix)
+    positions = p_len + torch.arange(width)[None].expand(len(rows), width)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return model(tokens, positions, cache, output_index=last)[:, 0]
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_prompts_from_slot_zero_take_the_causal_kernel_with_the_masks_bits(world, gqa_loaded, monkeypatch, with_prefix):
+    """Rows that all start at slot 0 read the causal mask, so the kernels run causal (skipping the
+    hidden blocks) instead of adding -inf: in fp32 the logits are the mask path's, bit for bit."""
+    model = gqa_loaded.model
+    rows = [list(range(5, 45)), list(range(7, 20)), list(range(60, 93))]
+    prefix = list(range(100, 123)) if with_prefix else None
+    seen = []
+    real_step = M.Transformer._step
+
+    def spy(self, *a, **k):
+        step = real_step(self, *a, **k)
+        seen.append(step.causal)
+        return step
+
+    with torch.inference_mode():
+        monkeypatch.setattr(M.Transformer, "_step", spy)
+        causal = _prefill(model, rows, prefix)
+        assert seen[-1] is True
+        monkeypatch.setattr(M.Transformer, "_step", lambda self, *a, **k: replace(real_step(self, *a, **k), causal=False))
+        masked = _prefill(model, rows, prefix)
+        # A row on its own, also from slot 0: the same again.
+        alone = _prefill(model, rows[1:2], prefix)
+    assert torch.equal(causal, masked)
+    torch.testing.assert_close(alone[0], masked[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_math_fallback_takes_causal_as_the_mask(monkeypatch):
+    q, k, v, _ = ragged(t=9, s=9)
+    visible = torch.arange(9)[None, :] <= torch.arange(9)[:, None]
+    mask = torch.zeros(1, 1, 9, 9).masked_fill_(~visible, float("-inf"))
+    flash = M.attention_with_lse(q, k, v, causal=True)
+    monkeypatch.setattr(M, "_FLASH_CPU", None)
+    math = M.attention_with_lse(q, k, v, causal=True)
+    masked = M.attention_with_lse(q, k, v, mask)
+    for a, b, c in zip(flash, math, masked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)

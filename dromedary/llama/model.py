@@ -326,9 +326,16 @@ class Attention(nn.Module):
             cache.v[layer][step.rows, :, step.slots] = v
         keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
         values = cache.v[layer][:bsz, :, : step.span]
-        folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if _cuda_kernels(q.device) else None
+        cuda = _cuda_kernels(q.device)
         if not cache.prefix_k:
+            if step.causal:
+                # The mask is the causal one: the kernel skips the blocks it hides (same bits).
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+            folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if cuda else None
             return gqa_attention(q, keys, values, step.mask, folded)
+        if step.causal and not cuda:
+            return merge_attention(q, keys, values, None, cache.prefix_k[layer], cache.prefix_v[layer], causal=True)
+        folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if cuda else None
         return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer], folded)
 
 
@@ -403,39 +410,45 @@ def _fused_with_lse(q, k, v, mask, folded_mask=None) -> tuple[torch.Tensor, torc
     return unfold_heads(out, n_heads), unfold_heads(lse[..., :rows].float(), n_heads)
 
 
-def merge_attention(q, keys, values, mask, prefix_k, prefix_v, folded_mask=None) -> torch.Tensor:
+def merge_attention(q, keys, values, mask, prefix_k, prefix_v, folded_mask=None, causal: bool = False) -> torch.Tensor:
     """Attention of q (B, H, T, D) over a shared prefix (1, kvh, P, D) and each row's own keys
     and values (B, kvh, S, D) under one softmax: each block is attended separately and the two
     are merged by their log-sum-exps. The prefix is the same for every row, so the batch is folded
     into its query rows, (1, kvh, B * rep * T, D): it is read once per pass, where broadcasting it
-    over the batch would copy it B times per layer per step."""
+    over the batch would copy it B times per layer per step. `causal` (CPU, in place of a mask):
+    query t of the own block sees own keys 0..t."""
     bsz, n_heads, seqlen, head_dim = q.shape
     kvh = prefix_k.shape[1]
     folded = q.reshape(bsz, kvh, -1, head_dim).transpose(0, 1).reshape(1, kvh, -1, head_dim)
     out_p, lse_p = attention_with_lse(folded, prefix_k, prefix_v)
     out_p = out_p.view(kvh, bsz, -1, head_dim).transpose(0, 1).reshape(q.shape)  # (B, H, T, D)
     lse_p = lse_p.view(kvh, bsz, -1).transpose(0, 1).reshape(bsz, n_heads, seqlen)  # (B, H, T)
-    out_s, lse_s = attention_with_lse(q, keys, values, mask, folded_mask)
+    out_s, lse_s = attention_with_lse(q, keys, values, mask, folded_mask, causal=causal)
     lse = torch.logaddexp(lse_p, lse_s)
     out = out_p * (lse_p - lse).exp()[..., None] + out_s * (lse_s - lse).exp()[..., None]
     return out.type_as(q)
 
 
-def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None,
-                       folded_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None, folded_mask: Optional[torch.Tensor] = None,
+                       causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention over one key block that also returns the block's log-sum-exp
     of scores, so that blocks attended separately merge exactly.
 
     q: (B, H, T, D); k, v: (B, kvh, S, D), query head h reading kv head h // (H / kvh);
     mask: additive (B|1, 1, T, S) in q's dtype (`folded_mask`: as in `gqa_attention`). Returns
-    out (B, H, T, D) and lse (B, H, T) in fp32.
+    out (B, H, T, D) and lse (B, H, T) in fp32. `causal` (no mask, CPU only, T == S): query t
+    sees keys 0..t.
     """
     if _cuda_kernels(q.device):
+        assert not causal, "the CUDA kernels here take the causal mask as a mask"
         return _fused_with_lse(q, k, v, mask, folded_mask)
     if q.device.type == "cpu" and _FLASH_CPU is not None:
         # The kernel behind CPU SDPA: fp32 accumulation, strided k/v and GQA taken as they are.
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)[:2]
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask)[:2]
         return out, lse
+    if causal:
+        mask = torch.zeros(q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
+        mask = mask.masked_fill_(torch.ones_like(mask, dtype=torch.bool).triu_(1), float("-inf"))[None, None]
     return _math_with_lse(q, k, v, mask)
 
 
@@ -475,6 +488,9 @@ class Step:
     span: int  # slots [0, span) are read
     mask: Optional[torch.Tensor]  # (B, 1, T, span) additive, model dtype; None: every slot < span visible
     start: Optional[int] = None  # set when every row writes slots [start, start + T)
+    # `mask` is exactly the causal one (every row writes slots [0, T)): kernels that take
+    # `is_causal` skip the hidden blocks instead of adding -inf to them (same result, bit for bit).
+    causal: bool = False
     prefix_only: bool = False
     layer: int = 0
     _folded: Optional[torch.Tensor] = None
@@ -631,4 +647,5 @@ class Transformer(nn.Module):
         visible = torch.arange(span, device=device)[None, None, :] <= slots[:, :, None]  # (B, T, S)
         mask = torch.zeros(bsz, 1, seqlen, span, device=device, dtype=dtype)
         mask.masked_fill_(~visible[:, None], float("-inf"))
-        return Step(cache, rows=rows, slots=slots, span=span, mask=mask, start=start if uniform else None)
+        return Step(cache, rows=rows, slots=slots, span=span, mask=mask, start=start if uniform else None,
+                    causal=bool(uniform) and start == 0)
