@@ -327,15 +327,16 @@ class Attention(nn.Module):
         keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
         values = cache.v[layer][:bsz, :, : step.span]
         cuda = _cuda_kernels(q.device)
-        if not cache.prefix_k:
-            if step.causal:
-                # The mask is the causal one: the kernel skips the blocks it hides (same bits).
-                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-            folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if cuda else None
-            return gqa_attention(q, keys, values, step.mask, folded)
         if step.causal and not cuda:
+            # The mask is the causal one: the CPU flash kernel skips the blocks it hides, with the
+            # mask path's bits (tested). CUDA keeps the mask: there a causal flag picks other
+            # kernels, whose bits against the masked ones have not been checked on a device.
+            if not cache.prefix_k:
+                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
             return merge_attention(q, keys, values, None, cache.prefix_k[layer], cache.prefix_v[layer], causal=True)
         folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if cuda else None
+        if not cache.prefix_k:
+            return gqa_attention(q, keys, values, step.mask, folded)
         return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer], folded)
 
 
@@ -488,8 +489,8 @@ class Step:
     span: int  # slots [0, span) are read
     mask: Optional[torch.Tensor]  # (B, 1, T, span) additive, model dtype; None: every slot < span visible
     start: Optional[int] = None  # set when every row writes slots [start, start + T)
-    # `mask` is exactly the causal one (every row writes slots [0, T)): kernels that take
-    # `is_causal` skip the hidden blocks instead of adding -inf to them (same result, bit for bit).
+    # `mask` is exactly the causal one (every row writes slots [0, T)): on the CPU the kernel takes
+    # `is_causal` and skips the hidden blocks instead of adding -inf to them (same bits).
     causal: bool = False
     prefix_only: bool = False
     layer: int = 0
