@@ -166,13 +166,13 @@ def test_prompts_from_slot_zero_take_the_causal_kernel_with_the_masks_bits(world
     torch.testing.assert_close(alone[0], masked[1], rtol=1e-5, atol=1e-5)
 
 
-def test_the_math_fallback_takes_causal_as_the_mask(monkeypatch):
+def test_the_math_fallback_applies_the_causal_mask(monkeypatch):
     q, k, v, _ = ragged(t=9, s=9)
     visible = torch.arange(9)[None, :] <= torch.arange(9)[:, None]
     mask = torch.zeros(1, 1, 9, 9).masked_fill_(~visible, float("-inf"))
-    flash = M.attention_with_lse(q, k, v, causal=True)
+    flash = M.attention_with_lse(q, k, v, mask, causal=True)
     monkeypatch.setattr(M, "_FLASH_CPU", None)
-    math = M.attention_with_lse(q, k, v, causal=True)
+    math = M.attention_with_lse(q, k, v, mask, causal=True)
     masked = M.attention_with_lse(q, k, v, mask)
     for a, b, c in zip(flash, math, masked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

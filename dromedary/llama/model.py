@@ -326,18 +326,11 @@ class Attention(nn.Module):
             cache.v[layer][step.rows, :, step.slots] = v
         keys = cache.k[layer][:bsz, :, : step.span]  # (B, kvh, span, D), a strided view
         values = cache.v[layer][:bsz, :, : step.span]
-        cuda = _cuda_kernels(q.device)
-        if step.causal and not cuda:
-            # The mask is the causal one: the CPU flash kernel skips the blocks it hides, with the
-            # mask path's bits (tested). CUDA keeps the mask: there a causal flag picks other
-            # kernels, whose bits against the masked ones have not been checked on a device.
-            if not cache.prefix_k:
-                return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-            return merge_attention(q, keys, values, None, cache.prefix_k[layer], cache.prefix_v[layer], causal=True)
-        folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if cuda else None
+        folded = step.cuda_mask(self.n_local_heads // self.n_local_kv_heads) if _cuda_kernels(q.device) else None
         if not cache.prefix_k:
-            return gqa_attention(q, keys, values, step.mask, folded)
-        return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer], folded)
+            return gqa_attention(q, keys, values, step.mask, folded, causal=step.causal)
+        return merge_attention(q, keys, values, step.mask, cache.prefix_k[layer], cache.prefix_v[layer], folded,
+                               causal=step.causal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +343,11 @@ class Attention(nn.Module):
 # log-sum-exp that the shared-prefix merge needs): no key or value is copied, only the mask is
 # repeated for the folded rows, once per pass. CPU: the flash kernel takes GQA and a mask as they
 # are; it is kept (measured faster there).
+#
+# `causal` (every function below): the mask is exactly the causal one (query t sees keys 0..t,
+# T == S). The CPU flash kernel then runs causal and skips the blocks the mask hides, with the
+# masked run's bits (tests/test_attention.py); CUDA and the math path apply the mask as it is (a
+# causal flag would pick other CUDA kernels, whose bits against these are unchecked on a device).
 
 
 def _cuda_kernels(device: torch.device) -> bool:
@@ -377,9 +375,12 @@ def fold_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
     return buf
 
 
-def gqa_attention(q, k, v, mask: Optional[torch.Tensor], folded_mask: Optional[torch.Tensor] = None):
+def gqa_attention(q, k, v, mask: Optional[torch.Tensor], folded_mask: Optional[torch.Tensor] = None,
+                  causal: bool = False):
     """SDPA of q (B, H, T, D) over k, v (B, kvh, S, D) under an additive mask (B|1, 1, T, S) or
     none; `folded_mask`: `fold_mask(mask, H // kvh)` when the caller keeps one per pass."""
+    if causal and not _cuda_kernels(q.device):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if mask is None or not _cuda_kernels(q.device):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return _fused_with_lse(q, k, v, mask, folded_mask)[0]
@@ -416,8 +417,7 @@ def merge_attention(q, keys, values, mask, prefix_k, prefix_v, folded_mask=None,
     and values (B, kvh, S, D) under one softmax: each block is attended separately and the two
     are merged by their log-sum-exps. The prefix is the same for every row, so the batch is folded
     into its query rows, (1, kvh, B * rep * T, D): it is read once per pass, where broadcasting it
-    over the batch would copy it B times per layer per step. `causal` (CPU, in place of a mask):
-    query t of the own block sees own keys 0..t."""
+    over the batch would copy it B times per layer per step. `causal`: of the own block's mask."""
     bsz, n_heads, seqlen, head_dim = q.shape
     kvh = prefix_k.shape[1]
     folded = q.reshape(bsz, kvh, -1, head_dim).transpose(0, 1).reshape(1, kvh, -1, head_dim)
@@ -437,19 +437,14 @@ def attention_with_lse(q, k, v, mask: Optional[torch.Tensor] = None, folded_mask
 
     q: (B, H, T, D); k, v: (B, kvh, S, D), query head h reading kv head h // (H / kvh);
     mask: additive (B|1, 1, T, S) in q's dtype (`folded_mask`: as in `gqa_attention`). Returns
-    out (B, H, T, D) and lse (B, H, T) in fp32. `causal` (no mask, CPU only, T == S): query t
-    sees keys 0..t.
+    out (B, H, T, D) and lse (B, H, T) in fp32.
     """
     if _cuda_kernels(q.device):
-        assert not causal, "the CUDA kernels here take the causal mask as a mask"
         return _fused_with_lse(q, k, v, mask, folded_mask)
     if q.device.type == "cpu" and _FLASH_CPU is not None:
         # The kernel behind CPU SDPA: fp32 accumulation, strided k/v and GQA taken as they are.
-        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask)[:2]
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=None if causal else mask)[:2]
         return out, lse
-    if causal:
-        mask = torch.zeros(q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
-        mask = mask.masked_fill_(torch.ones_like(mask, dtype=torch.bool).triu_(1), float("-inf"))[None, None]
     return _math_with_lse(q, k, v, mask)
 
 
@@ -489,9 +484,7 @@ class Step:
     span: int  # slots [0, span) are read
     mask: Optional[torch.Tensor]  # (B, 1, T, span) additive, model dtype; None: every slot < span visible
     start: Optional[int] = None  # set when every row writes slots [start, start + T)
-    # `mask` is exactly the causal one (every row writes slots [0, T)): on the CPU the kernel takes
-    # `is_causal` and skips the hidden blocks instead of adding -inf to them (same bits).
-    causal: bool = False
+    causal: bool = False  # `mask` is exactly the causal one: every row writes slots [0, T)
     prefix_only: bool = False
     layer: int = 0
     _folded: Optional[torch.Tensor] = None
