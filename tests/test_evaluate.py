@@ -310,6 +310,17 @@ def local_tasks(root: Path, layouts) -> Path:
         "include": str(bb / "multiple_choice_template_a_yaml"), "task": "local_hhh", "tag": [], **local,
         "test_split": "test", "process_docs": None,
         "dataset_kwargs": {"data_files": {"test": str(layouts["hhh_hails"])}}}))
+    # A generative task (generate_until): our questions under one shared description, greedy, cut at
+    # the stops or after 16 tokens.
+    questions = [q["question"] for q in TQA] + [q for rows in HHH.values() for q, _ in rows]
+    (root / "gen.jsonl").write_text("".join(json.dumps({"question": q, "answer": "Yes."}) + "\n" for q in questions))
+    (root / "local_gen.yaml").write_text(json.dumps({
+        "task": "local_gen", **local, "dataset_kwargs": {"data_files": {"test": str(root / "gen.jsonl")}},
+        "test_split": "test", "output_type": "generate_until",
+        "description": "Answer each question in a few words.\n\n",
+        "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n\n", "Q:"], "max_gen_toks": 16, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
     return root
 
 
@@ -369,15 +380,36 @@ def test_lm_eval_cli_model_dromedary_equals_hf(hf_model, layouts, hf_reference, 
     tasks = local_tasks(tmp_path / "tasks", layouts)
     run([sys.executable, "-m", "lm_eval", "--model", "dromedary",
          "--model_args", f"ckpt_dir={hf_model},dtype=fp32,model_parallel_size=1",
-         "--tasks", "local_tqa_mc1,local_tqa_mc2,local_hhh", "--include_path", tasks, "--batch_size", "4",
+         "--tasks", "local_tqa_mc1,local_tqa_mc2,local_hhh,local_gen", "--include_path", tasks, "--batch_size", "4",
          "--log_samples", "--output_path", tmp_path / "out"],
         env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{site}:{REPO}"}, timeout=600)
     ours = lm_eval_samples(tmp_path / "out")
+    assert set(ours) == {*hf_reference, "local_gen"}
     for task, theirs in hf_reference.items():
         assert len(ours[task]) == len(theirs)
         for a, b in zip(ours[task], theirs):
             assert _sample_lls(a) == pytest.approx(_sample_lls(b), rel=1e-5, abs=2e-4)
             assert a["acc"] == pytest.approx(b["acc"], abs=1e-5)
+    # generate_until (four requests in flight on ours): transformers' greedy tokens on the contexts
+    # the harness built, decoded by SentencePiece and cut at each stop. Not `hf`'s logged texts: a
+    # random model's are full of byte tokens, and the fast tokenizer decodes a run of them that is
+    # not UTF-8 as one U+FFFD per byte, valid ASCII bytes included, where SentencePiece keeps those.
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sp = spm.SentencePieceProcessor(model_file=str(hf_model / "tokenizer.model"))
+    ref = LlamaForCausalLM.from_pretrained(str(hf_model), dtype=torch.float32).eval()
+    for sample in ours["local_gen"]:
+        context, kwargs = sample["arguments"]["gen_args_0"]["arg_0"], sample["arguments"]["gen_args_0"]["arg_1"]
+        prompt = torch.tensor([[sp.bos_id()] + sp.encode(context)])
+        with torch.no_grad():
+            out = ref.generate(prompt, max_new_tokens=kwargs["max_gen_toks"], do_sample=False, eos_token_id=sp.eos_id())
+        text = sp.decode([t for t in out[0, prompt.shape[1]:].tolist() if t != sp.eos_id()])
+        for stop in kwargs["until"]:
+            text = text.split(stop)[0]
+        assert sample["resps"] == [[text]], sample["doc_id"]
+    assert len(ours["local_gen"]) == len(TQA) + sum(len(rows) for rows in HHH.values())
 
 
 def test_engine_score_tokenises_context_and_target_together(hf_model):
@@ -585,6 +617,43 @@ def test_dromedary_lm_rolling_and_generate(hf_model):
         stop = free[2:4]
         (cut,) = lm.generate_until([SimpleNamespace(args=("Q: What is water?\nA:", {"until": [stop], "max_gen_toks": 12}))])
         assert cut == free.split(stop)[0]
+
+
+def test_dromedary_lm_generate_until_batches_requests_each_as_alone(hf_model):
+    """Several generate_until requests in flight at once (a shared few-shot primer, their own
+    lengths and stops): each text is HF's greedy continuation of its own context, cut at each of its
+    stops, and the texts come back in the requests' order."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dromedary.eval.lm_eval_model import DromedaryLM
+
+    lm = DromedaryLM(ckpt_dir=str(hf_model), dtype="fp32", device="cpu", batch_size=2)
+    ref = LlamaForCausalLM.from_pretrained(str(hf_model), dtype=torch.float32).eval()
+    primer = "Q: Where do camels live?\nA: In deserts.\n\nQ: What do camels carry?\nA: Loads.\n\n"
+    asks = [("Q: What is water?\nA:", 12), ("Q: Why is sand hot?\nA:", 5), ("Q: Who rides camels?\nA:", 9),
+            ("Q: How far is the oasis?\nA:", 16), ("Q: What is bread?\nA:", 7)]
+    expected_free = []
+    for question, n in asks:
+        prompt = torch.tensor([lm.tok.encode(primer + question)])
+        with torch.no_grad():
+            out = ref.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=lm.tok.eos_id)
+        expected_free.append(lm.tok.decode(out[0, prompt.shape[1]:].tolist()))
+    # Stops drawn from the free texts themselves, so that some requests are cut and some are not.
+    untils = [["zzz"], [expected_free[1][1:3] or "zzz"], ["zzz", expected_free[2][3:5] or "zzz"], ["zzz"],
+              [expected_free[4][:2] or "zzz"]]
+    requests = [SimpleNamespace(args=(primer + q, {"until": u, "max_gen_toks": n})) for (q, n), u in zip(asks, untils)]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    expected = []
+    for text, until in zip(expected_free, untils):
+        for stop in until:
+            text = text.split(stop)[0]
+        expected.append(text)
+    assert got == expected
+    assert any(g != f for g, f in zip(got, expected_free)), "no request was cut at a stop: the test checks less"
+    assert lm.engine._pinned is not None and len(lm.engine._pinned.tokens) >= len(lm.tok.encode(primer)) - 2
 
 
 def test_pipeline_evaluate_plans_base_and_engraved_runs(tmp_path):

@@ -5,9 +5,10 @@
 
 `loglikelihood` and `loglikelihood_rolling` score through `Engine.score_tokens` (the longest token
 prefix shared by a call's requests, such as a few-shot primer, is computed once through the
-engine's shared-prefix cache); `generate_until` generates through `Engine.generate`. The harness's
-own pair encoding (TemplateLM._encode_pair) and rolling windows are used as they are, so the
-requests are tokenised exactly as for its `hf` backend. Under torchrun every rank is a
+engine's shared-prefix cache); `generate_until` streams its requests through the continuous-
+batching `Scheduler`, `batch_size` in flight. The harness's own pair encoding
+(TemplateLM._encode_pair) and rolling windows are used as they are, so the requests are tokenised
+exactly as for its `hf` backend. Under torchrun every rank is a
 model-parallel shard of one model: each reports rank 0 of a world of 1 to the harness (its
 convention for tensor parallelism), and only global rank 0 writes.
 
@@ -116,8 +117,17 @@ class DromedaryLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for context, gen_kwargs in [req.args for req in requests]:
+        """Every request through the engine's scheduler, `batch_size` in flight at once, each with its
+        own stops, length and seed: a request's text is the one it gets alone (its seed is the one
+        `Engine.generate(..., seed=seed)` gives a single row). The longest token prefix the contexts
+        share (a few-shot primer) is computed once."""
+        from tqdm import tqdm
+
+        from ..engine.generation import row_seed
+        from ..engine.scheduler import Request, Scheduler
+
+        work = []
+        for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
@@ -127,9 +137,20 @@ class DromedaryLM(TemplateLM):
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                     top_p=float(kwargs.pop("top_p", 1.0)), stop=tuple(until))
             ids = self.tok_encode(context)[-(self.max_length - max_new):]  # left-truncated, as `hf` does
-            text = self.engine.generate([ids], params, seed=int(kwargs.pop("seed", 0) or 0))[0].text
-            for stop in until:  # the engine cuts at the first stop; the harness cuts at each
-                text = text.split(stop)[0] if stop else text
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-        return out
+            seed = row_seed(int(kwargs.pop("seed", 0) or 0), "0")
+            work.append((Request(ids, params, seed=seed, key=i), context, gen_kwargs, until))
+        if not work:
+            return []
+        self._share_prefix([w[0].prompt for w in work])
+        texts: list[Optional[str]] = [None] * len(work)
+        scheduler = Scheduler(self.engine, max_in_flight=self.batch_size_per_gpu)
+        with tqdm(total=len(work), desc="generate_until", unit="req", disable=disable_tqdm) as bar:
+            for req in scheduler.run(w[0] for w in work):
+                _, context, gen_kwargs, until = work[req.key]
+                text = req.result.text
+                for stop in until:  # the engine cuts at the first stop; the harness cuts at each
+                    text = text.split(stop)[0] if stop else text
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                texts[req.key] = text
+                bar.update(1)
+        return texts
